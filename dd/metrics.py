@@ -1,0 +1,178 @@
+"""The evaluation feature space: a small classifier trained on the dataset itself, and metrics computed in it.
+
+Inception weights cannot be downloaded here, so Fréchet distance, precision and recall are measured in the
+penultimate layer of a CNN the `features` stage trains on the training split. The numbers are therefore named
+after the dataset (`fid_fmnist`, ...) and are NOT comparable with ImageNet FID; they rank methods on the same data.
+
+- `frechet_distance`: ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½), matrix square root by scipy in float64.
+- `precision_recall`: k-NN manifolds (k = 3): precision = share of generated features inside some real feature's
+  k-NN ball, recall = share of real features inside some generated feature's ball.
+- `class_accuracy`: the classifier's accuracy on class-conditional samples against their conditioning labels.
+
+References:
+    Heusel et al. 2017 (FID); Kynkäänniemi et al. 2019 (improved precision and recall, k-NN manifolds);
+    mseitzer/pytorch-fid `calculate_frechet_distance` (same formula and sqrtm fallback).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import to_channels
+
+FID_NAMES = {"fashion-mnist": "fid_fmnist", "mnist5k": "fid_mnist5k", "imagefolder": "fid_folder"}
+
+
+def fid_name(dataset: str) -> str:
+    """Metric key of the Fréchet distance in this dataset's own feature space (never 'fid')."""
+    return FID_NAMES[dataset]
+
+
+class FeatureNet(nn.Module):
+    """CNN classifier: 3 conv stages (w, 2w, 4w channels) → global average pool → features [B, 4w] → logits."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        self.config = dict(in_channels=in_channels, num_classes=num_classes, width=width)
+
+        def stage(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.body = nn.Sequential(stage(in_channels, width), nn.MaxPool2d(2),
+                                  stage(width, 2 * width), nn.MaxPool2d(2),
+                                  stage(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, H, W] in [-1, 1] (C is averaged or replicated to in_channels) → [B, 4·width]."""
+        return self.body(to_channels(x, self.config["in_channels"]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def classifier_loss(model: FeatureNet, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy on uint8 images with light augmentation (random 2-px shifts, horizontal flips)."""
+    x = batch["images"].float().div(127.5).sub(1.0)
+    if model.training:
+        b = x.shape[0]
+        flip = torch.rand(b, device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        dx, dy = torch.randint(-2, 3, (2,)).tolist()
+        x = torch.roll(F.pad(x, (2, 2, 2, 2), value=-1.0), (dy, dx), (2, 3))[..., 2:-2, 2:-2]
+    logits = model(x)
+    loss = F.cross_entropy(logits, batch["labels"])
+    return loss, {"acc": (logits.argmax(1) == batch["labels"]).float().mean().item()}
+
+
+@torch.no_grad()
+def run_batched(fn, images: torch.Tensor, batch_size: int = 500, device="cpu") -> torch.Tensor:
+    """Apply fn to images in batches; uint8 inputs are mapped to [-1, 1] first. Returns CPU float tensors."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i: i + batch_size].to(device)
+        x = x.float().div(127.5).sub(1.0) if x.dtype == torch.uint8 else x.float()
+        out.append(fn(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def extract_features(net: FeatureNet, images: torch.Tensor, batch_size: int = 500, device="cpu") -> torch.Tensor:
+    """images: [N, C, H, W] uint8 or [-1, 1] float → features [N, F] (float32, CPU)."""
+    net.eval().to(device)
+    return run_batched(net.features, images, batch_size, device)
+
+
+def feature_stats(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """[N, F] → (μ [F], Σ [F, F]) in float64, Σ with the unbiased (N − 1) normalisation."""
+    f = feats.double().numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Fréchet distance between N(μ₁, Σ₁) and N(μ₂, Σ₂)."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    with warnings.catch_warnings():  # a singular product is handled below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():  # singular product: regularise both, as pytorch-fid does
+        off = np.eye(len(s1)) * eps
+        covmean = scipy.linalg.sqrtm((s1 + off) @ (s2 + off))
+    covmean = covmean.real  # imaginary parts are numerical noise for PSD inputs
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def _knn_radii(x: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """Distance of each row of x to its k-th nearest other row."""
+    radii = []
+    for i in range(0, len(x), chunk):
+        d = torch.cdist(x[i: i + chunk], x)
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # +1: the row itself is at distance 0
+    return torch.cat(radii)
+
+
+def _inside(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    hits = []
+    for i in range(0, len(query), chunk):
+        hits.append((torch.cdist(query[i: i + chunk], ref) <= radii[None]).any(1))
+    return torch.cat(hits)
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """k-NN manifold precision and recall of fake features [M, F] against real features [N, F]."""
+    real, fake = real.double(), fake.double()
+    precision = _inside(fake, real, _knn_radii(real, k)).double().mean().item()
+    recall = _inside(real, fake, _knn_radii(fake, k)).double().mean().item()
+    return precision, recall
+
+
+def class_accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Tensor, batch_size=500, device="cpu"):
+    net.eval().to(device)
+    pred = run_batched(lambda x: net(x).argmax(1).float(), images, batch_size, device).long()
+    return (pred == labels.cpu()).double().mean().item()
+
+
+def sample_metrics(net: FeatureNet, ref: dict, images: torch.Tensor, labels: torch.Tensor | None,
+                   dataset: str, k: int = 3, device="cpu") -> dict:
+    """All feature-space metrics of generated images against the reference (test-split) statistics.
+
+    ref: {"mu", "sigma", "feats"} as written by the features stage.
+    """
+    feats = extract_features(net, images, device=device)
+    mu, sigma = feature_stats(feats)
+    out = {fid_name(dataset): frechet_distance(mu, sigma, ref["mu"].numpy(), ref["sigma"].numpy())}
+    out["precision"], out["recall"] = precision_recall(ref["feats"], feats, k)
+    if labels is not None:
+        out["class_acc"] = class_accuracy(net, images, labels, device=device)
+    return out
+
+
+def load_feature_space(folder: str = "data/features", device="cpu"):
+    """→ (FeatureNet in eval mode, ref dict, meta) from the features stage."""
+    from . import io
+
+    folder = io.path(folder)
+    weights, meta = io.read_checked(folder, "classifier.safetensors")
+    net = FeatureNet(**meta["config"])
+    net.load_state_dict(weights)
+    ref, _ = io.read_checked(folder, "reference.safetensors")
+    return net.eval().to(device), ref, meta
+
+
+def blur(images: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Gaussian blur of float images [B, C, H, W] (the sanity table's "worse" reference)."""
+    r = max(1, int(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    c = images.shape[1]
+    x = F.pad(images, (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)

@@ -1,0 +1,155 @@
+"""The one training loop: AdamW, warm-up + cosine schedule, EMA, atomic checkpoints, exact resume, NaN guard.
+
+`fit()` trains any `nn.Module` given a `loss_fn(model, batch) -> loss | (loss, {name: float})` and in-memory
+tensors that share their first dimension. Batches are drawn from a per-epoch permutation seeded by
+`(seed, epoch)`, and the checkpoint carries model, EMA, optimizer, step, history and RNG state, so a run killed at
+any point and started again continues exactly where its last checkpoint left it.
+
+References:
+    karpathy/nanoGPT `train.py` (flat loop, warm-up + cosine, checkpoint with its config);
+    facebookresearch/DiT `train.py` (EMA of the weights, evaluated instead of the raw weights).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import io
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss; the message names the step and the last good checkpoint (kept on disk)."""
+
+
+@dataclass
+class FitConfig:
+    n_steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1     # cosine decays to lr·min_lr_ratio
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0        # 0 = off
+    ema_decay: float = 0.0        # 0 = no EMA
+    ckpt_every: int = 100         # steps between checkpoints (and one at the end)
+    log_every: int = 10
+    seed: int = 0
+
+
+def lr_at(step: int, cfg: FitConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.n_steps - cfg.warmup_steps)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Rows of step `step`: slices of a permutation of range(n) drawn anew each epoch from (seed, epoch)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[i * batch_size: (i + 1) * batch_size]
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg: FitConfig,
+        ckpt_path: str | Path, device: torch.device | str = "cpu", desc: str = "train",
+        on_step: Callable | None = None) -> dict:
+    """Train `model` in place; return {"history": [...], "ema": module | None, "resumed_from": step}.
+
+    data: tensors `[N, ...]` sharing N; each step passes `{k: v[rows].to(device)}` to `loss_fn(model, batch)`.
+    on_step(model, step): optional hook after each optimizer step (e.g. codebook restarts).
+    """
+    n = {len(v) for v in data.values()}
+    if len(n) != 1:
+        raise ValueError(f"fit: data tensors differ in length: { {k: len(v) for k, v in data.items()} }")
+    n = n.pop()
+    device = torch.device(device)
+    ckpt_path = Path(ckpt_path)
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    step, history = 0, []
+    if ckpt_path.is_file():
+        ck = io.load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(ck["model"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        step, history = ck["step"], ck["history"]
+        _set_rng_state(ck["rng"])
+    resumed_from = step
+
+    def save():
+        io.save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": opt.state_dict(), "step": step, "history": history, "rng": _rng_state(),
+            "fit_config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}})
+
+    bar = tqdm(total=cfg.n_steps, initial=step, desc=desc, mininterval=2.0)
+    while step < cfg.n_steps:
+        rows = batch_indices(n, cfg.batch_size, step, cfg.seed)
+        batch = {k: v[rows].to(device, non_blocking=True) for k, v in data.items()}
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        out = loss_fn(model, batch)
+        loss, logs = out if isinstance(out, tuple) else (out, {})
+        if not torch.isfinite(loss):
+            last = f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=True)['step']})" \
+                if ckpt_path.is_file() else "none written yet"
+            raise TrainingDiverged(f"{desc}: loss is {loss.item()} at step {step}; last good checkpoint: {last}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema_update(ema, model, cfg.ema_decay)
+        step += 1
+        if on_step is not None:
+            on_step(model, step)
+        if step % cfg.log_every == 0 or step == cfg.n_steps:
+            history.append({"step": step, "loss": loss.item(), "lr": lr, **{k: float(v) for k, v in logs.items()}})
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.ckpt_every == 0 or step == cfg.n_steps:
+            save()
+        bar.update(1)
+    bar.close()
+    model.eval()
+    return {"history": history, "ema": ema, "resumed_from": resumed_from}

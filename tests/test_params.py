@@ -1,0 +1,68 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dd import params as P
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_are_valid_and_complete():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cfg = P.load(ROOT / "params.yaml")
+    for name, cls in P.SECTIONS.items():
+        assert set(raw[name]) == {f for f in P.as_dict(cfg[name])}, f"params.yaml section {name} is incomplete"
+
+
+@pytest.mark.parametrize("section, key, value, fragment", [
+    ("prepare", "dataset", "nope", "choose one of: fashion-mnist, mnist5k, imagefolder"),
+    ("features", "batch_size", -4, "an integer >= 1"),
+    ("features", "batch_size", 2.5, "an integer >= 1"),
+    ("features", "lr", 0, "a number in (0.0, 1.0]"),
+    ("features", "lr", "fast", "a number"),
+    ("base", "device", "tpu", "choose one of: auto, cpu, cuda"),
+    ("base", "seed", True, "an integer >= 0"),
+])
+def test_invalid_value_names_key_value_and_allowed(section, key, value, fragment):
+    with pytest.raises(P.ParamsError) as e:
+        P.parse(section, {key: value})
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"{section}.{key} = {value!r}" in msg and fragment in msg
+
+
+def test_unknown_key_and_section():
+    with pytest.raises(P.ParamsError, match=r"prepare\.datset is not a known key; known keys: dataset"):
+        P.parse("prepare", {"datset": "mnist5k"})
+
+
+def test_ints_are_accepted_as_floats():
+    assert P.parse("features", {"lr": 1}).lr == 1.0
+
+
+def _run_stage_with(tmp_path, edit):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(raw)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "dd.stage", "prepare"], cwd=tmp_path, capture_output=True, text=True,
+                       env={"DD_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    return r, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda p: p["prepare"].update(dataset="nope"), "prepare.dataset = 'nope'"),
+    (lambda p: p["features"].update(batch_size=-1), "features.batch_size = -1"),
+])
+def test_stage_stops_fast_with_one_line(tmp_path, edit, expected):
+    r, seconds = _run_stage_with(tmp_path, edit)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], r.stderr
+    assert seconds < 10
+    assert not (tmp_path / "data").exists() and not (tmp_path / "reports").exists()

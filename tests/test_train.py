@@ -1,0 +1,80 @@
+import pytest
+import torch
+from torch import nn
+
+from dd import train
+
+
+def _setup():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(64, generator=g)
+    return {"x": x, "y": y}
+
+
+def _model():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.1), nn.ReLU(), nn.Linear(16, 1))
+
+
+def _loss(model, batch):
+    return ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
+
+
+CFG = train.FitConfig(n_steps=60, batch_size=8, lr=3e-2, warmup_steps=5, ema_decay=0.9, ckpt_every=10, log_every=5)
+
+
+def test_fit_learns_and_logs(tmp_path):
+    data, model = _setup(), _model()
+    before = _loss(model.eval(), data).item()
+    out = train.fit(model, _loss, data, CFG, tmp_path / "ck.pt")
+    assert _loss(model, data).item() < 0.5 * before
+    assert [h["step"] for h in out["history"]] == list(range(5, 61, 5))
+    assert out["ema"] is not None and out["resumed_from"] == 0
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path):
+    data = _setup()
+    ref = _model()
+    train.fit(ref, _loss, data, CFG, tmp_path / "ref.pt")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_33(model, step):
+        if step == 33:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train.fit(_model(), _loss, data, CFG, tmp_path / "run.pt", on_step=kill_at_33)
+    resumed = _model()
+    out = train.fit(resumed, _loss, data, CFG, tmp_path / "run.pt")
+    assert out["resumed_from"] == 30
+    for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
+    data = _setup()
+    calls = {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        value = _loss(model, batch)
+        return value * float("nan") if calls["n"] == 13 else value
+
+    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 12; last good checkpoint: .*ck.pt \(step 10\)"):
+        train.fit(_model(), loss, data, CFG, tmp_path / "ck.pt")
+    assert torch.load(tmp_path / "ck.pt", weights_only=True)["step"] == 10
+
+
+def test_batch_indices_cover_each_epoch_once():
+    rows = torch.cat([train.batch_indices(20, 5, s, seed=3) for s in range(4)])
+    assert sorted(rows.tolist()) == list(range(20))
+    assert not torch.equal(train.batch_indices(20, 5, 0, 3), train.batch_indices(20, 5, 4, 3))
+
+
+def test_lr_schedule():
+    cfg = train.FitConfig(n_steps=100, batch_size=1, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == pytest.approx(1.0)
+    assert train.lr_at(100, cfg) == pytest.approx(0.1) and train.lr_at(55, cfg) == pytest.approx(0.55)
