@@ -94,10 +94,19 @@ def describe(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
 
 
 def write_meta(folder: str | Path, stage: str, files: dict[str, dict[str, torch.Tensor]], **extra) -> dict:
-    """Write `folder/meta.json` describing each safetensors file written by `stage` (name → tensors)."""
-    meta = {"format_version": FORMAT_VERSION, "stage": stage,
-            "files": {name: describe(t) for name, t in files.items()}, **extra}
-    write_json(Path(folder) / "meta.json", meta)
+    """Record in `folder/meta.json` each safetensors file written by `stage` (name → tensors) and `extra` keys.
+
+    Merges into an existing meta.json of the same stage, so a stage may write its files one by one.
+    """
+    path = Path(folder) / "meta.json"
+    old = read_json(path) if path.is_file() else {}
+    if old.get("stage") != stage:
+        old = {}
+    meta = {**old, "format_version": FORMAT_VERSION, "stage": stage,
+            "files": {**old.get("files", {}), **{name: describe(t) for name, t in files.items()}}}
+    for key, value in extra.items():
+        meta[key] = {**meta[key], **value} if isinstance(value, dict) and isinstance(meta.get(key), dict) else value
+    write_json(path, meta)
     return meta
 
 

@@ -25,7 +25,10 @@ class ParamsError(ValueError):
 
 
 def _spec(default, doc: str, *, choices=None, lo=None, hi=None, lo_open=False):
-    return field(default=default, metadata=dict(doc=doc, choices=choices, lo=lo, hi=hi, lo_open=lo_open))
+    meta = dict(doc=doc, choices=choices, lo=lo, hi=hi, lo_open=lo_open)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def choice(default: str, allowed: tuple[str, ...], doc: str):
@@ -68,7 +71,64 @@ class Features:
     k_nn: int = num(3, "k of the k-NN manifolds for precision / recall", lo=1, hi=50)
 
 
-SECTIONS: dict[str, type] = {"base": Base, "prepare": Prepare, "features": Features}
+@dataclass(frozen=True)
+class Teacher:
+    source: str = choice("train", ("train", "official"), "train the tokenizer and teacher here, or load released files")
+    tokenizer_path: str = _spec("", "official: the released tokenizer (vq_ds16_c2i.pt / vae_ch160v4096z32.pth)")
+    teacher_path: str = _spec("", "official: the released teacher (c2i_B_256.pt / var_d16.pth)")
+    grid_size: int = num(16, "official LlamaGen: tokens per side of the released GPT (16 for *_256.pt)", lo=1)
+
+
+@dataclass(frozen=True)
+class TrainTokenizerLlamaGen:
+    ch: int = num(32, "base channels of encoder / decoder (a multiple of 32: GroupNorm(32))", lo=32)
+    ch_mult: list = _spec([1, 2, 2], "channel multipliers per level; len - 1 downsamplings (32 px -> 8x8)")
+    num_res_blocks: int = num(1, "residual blocks per level", lo=1)
+    z_channels: int = num(64, "latent channels before the 1x1 quant_conv", lo=1)
+    codebook_size: int = num(512, "number of codes V", lo=2)
+    codebook_dim: int = num(8, "code dimension D (L2-normalised codebook)", lo=1)
+    dead_code_steps: int = num(50, "restart codes unused for this many steps (0: never)", lo=0)
+    n_steps: int = num(600, "training steps", lo=1)
+    batch_size: int = num(64, "batch size", lo=1)
+    lr: float = num(1e-3, "AdamW learning rate", lo=0.0, lo_open=True, hi=1.0)
+    warmup_steps: int = num(50, "linear warm-up steps", lo=0)
+
+
+@dataclass(frozen=True)
+class TrainTeacherLlamaGen:
+    dim: int = num(192, "GPT width", lo=8)
+    n_layer: int = num(4, "GPT layers", lo=1)
+    n_head: int = num(4, "attention heads (head_dim = dim / n_head, a multiple of 4 for 2-D RoPE)", lo=1)
+    class_dropout: float = num(0.1, "label dropout for classifier-free guidance", lo=0.0, hi=0.9)
+    dropout: float = num(0.0, "token / residual / FFN dropout (release: 0.1)", lo=0.0, hi=0.9)
+    n_steps: int = num(600, "training steps", lo=1)
+    batch_size: int = num(128, "batch size", lo=1)
+    lr: float = num(1e-3, "AdamW learning rate", lo=0.0, lo_open=True, hi=1.0)
+    weight_decay: float = num(0.05, "AdamW weight decay", lo=0.0)
+    warmup_steps: int = num(50, "linear warm-up steps", lo=0)
+
+
+@dataclass(frozen=True)
+class SampleTeacherLlamaGen:
+    cfg_scale: float = num(2.0, "classifier-free guidance u + s(c - u); <= 1 is off", lo=0.0)
+    cfg_interval: int = num(-1, "guide tokens up to this step only (-1: all)", lo=-1)
+    temperature: float = num(1.0, "softmax temperature", lo=0.0, lo_open=True)
+    top_k: int = num(0, "keep the k most likely tokens (0: off)", lo=0)
+    top_p: float = num(1.0, "nucleus sampling mass (1.0: off)", lo=0.0, lo_open=True, hi=1.0)
+    n_samples: int = num(1000, "samples for the metrics (labels uniform over classes)", lo=10)
+    batch_size: int = num(250, "sampling batch size", lo=1)
+    latency_repeats: int = num(5, "timed repeats of batch-1 and batch-N generation (median)", lo=1)
+    throughput_batch: int = num(256, "batch size of the throughput measurement", lo=1)
+
+
+SECTIONS: dict[str, type | dict] = {
+    "base": Base, "prepare": Prepare, "features": Features,
+    "teacher": {"llamagen": Teacher},
+    "train_tokenizer": {"llamagen": TrainTokenizerLlamaGen},
+    "train_teacher": {"llamagen": TrainTeacherLlamaGen},
+    "sample_teacher": {"llamagen": SampleTeacherLlamaGen},
+}
+FAMILIES = ("llamagen",)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -78,7 +138,8 @@ def _describe(f: dataclasses.Field) -> str:
     m = f.metadata
     if m.get("choices"):
         return "choose one of: " + ", ".join(m["choices"])
-    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[_type(f)]
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            list: "a non-empty list of positive integers"}[_type(f)]
     lo, hi = m.get("lo"), m.get("hi")
     if lo is not None and hi is not None:
         return f"{kind} in {'(' if m.get('lo_open') else '['}{lo}, {hi}]"
@@ -88,7 +149,7 @@ def _describe(f: dataclasses.Field) -> str:
 
 
 def _type(f: dataclasses.Field) -> type:
-    return {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
+    return {"int": int, "float": float, "str": str, "bool": bool, "list": list}[str(f.type)]
 
 
 def _check(section: str, f: dataclasses.Field, value: Any) -> Any:
@@ -98,6 +159,11 @@ def _check(section: str, f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, bool):
             raise bad
         return value
+    if t is list:
+        if not isinstance(value, list) or not value or \
+                not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            raise bad
+        return list(value)
     if t is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise bad
     if t is float:
@@ -116,9 +182,16 @@ def _check(section: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-def parse(section: str, values: dict | None):
-    """Validate one section's mapping and return its dataclass (missing keys take their defaults)."""
+def parse(section: str, values: dict | None, family: str | None = None):
+    """Validate one section's mapping (of one family, for per-family sections) and return its dataclass.
+
+    Missing keys take their defaults.
+    """
     cls = SECTIONS[section]
+    if isinstance(cls, dict):
+        if family not in cls:
+            raise ParamsError(f"params.yaml: {section} has no family {family!r}; families: {', '.join(cls)}")
+        cls, section = cls[family], f"{section}.{family}"
     values = dict(values or {})
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
@@ -147,8 +220,26 @@ def load(path: str | Path) -> dict[str, Any]:
             raise ParamsError(f"params.yaml: unknown section '{name}'; known sections: {', '.join(SECTIONS)}")
         if values is not None and not isinstance(values, dict):
             raise ParamsError(f"params.yaml: section '{name}' must be a mapping of key: value")
-    return {name: parse(name, raw.get(name)) for name in SECTIONS}
+    out = {}
+    for name, cls in SECTIONS.items():
+        if isinstance(cls, dict):
+            fams = raw.get(name) or {}
+            for fam in fams:
+                if fam not in cls:
+                    raise ParamsError(f"params.yaml: {name}.{fam} is not a teacher family; families: {', '.join(cls)}")
+            out[name] = {fam: parse(name, fams.get(fam), fam) for fam in cls}
+        else:
+            out[name] = parse(name, raw.get(name))
+    return out
 
 
 def as_dict(section_obj) -> dict:
     return dataclasses.asdict(section_obj)
+
+
+def pick(section: str, namespace: dict, family: str | None = None):
+    """Validate a section from the variables of a notebook's parameters cell (`pick("features", globals())`)."""
+    cls = SECTIONS[section]
+    cls = cls[family] if isinstance(cls, dict) and family in cls else cls
+    names = [f.name for f in dataclasses.fields(cls)] if not isinstance(cls, dict) else []
+    return parse(section, {k: namespace[k] for k in names if k in namespace}, family)

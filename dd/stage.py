@@ -28,11 +28,34 @@ def notebook_for(root: Path, stage: str) -> Path:
     return found[0]
 
 
-def stage_parameters(cfg: dict, stage: str, family: str | None = None) -> dict:
-    """Papermill parameters of a stage: `base` keys, then the stage's own section (and `family`)."""
-    out = P.as_dict(cfg["base"])
-    if stage in cfg:
-        out.update(P.as_dict(cfg[stage]))
+def declared_sections(root: Path, stage: str, family: str | None = None) -> list[tuple[str, str | None]]:
+    """The params sections a stage declares in dvc.yaml: [(section, family or None)] (dvc.yaml is the truth)."""
+    import yaml
+
+    stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
+    if stage not in stages:
+        raise ValueError(f"dvc.yaml has no stage {stage!r}; stages: {', '.join(stages)}")
+    spec = stages[stage]
+    if "foreach" in spec:
+        if family not in spec["foreach"]:
+            raise ValueError(f"stage {stage} runs per family; pass --family, one of: {', '.join(spec['foreach'])}")
+        spec = spec["do"]
+    out = []
+    for entry in spec.get("params", []):
+        name = entry.replace("${item}", family or "") if isinstance(entry, str) else None
+        if name is None:
+            continue
+        section, _, fam = name.partition(".")
+        out.append((section, fam or None))
+    return out
+
+
+def stage_parameters(cfg: dict, sections: list[tuple[str, str | None]], family: str | None = None) -> dict:
+    """Papermill parameters of a stage: the keys of every declared section (and `family`)."""
+    out = {}
+    for section, fam in sections:
+        values = cfg[section][fam] if fam else cfg[section]
+        out.update(P.as_dict(values))
     if family is not None:
         out["family"] = family
     return out
@@ -55,7 +78,7 @@ def run(stage: str, family: str | None = None, root: Path | None = None) -> Path
     os.environ["DD_ROOT"] = str(root)  # the kernel inherits it: paths resolve against this root
     try:
         with io.atomic_path(out) as tmp:
-            papermill.execute_notebook(str(src), str(tmp), parameters=stage_parameters(cfg, stage, family),
+            papermill.execute_notebook(str(src), str(tmp), parameters=stage_parameters(cfg, declared_sections(root, stage, family), family),
                                        cwd=str(root), kernel_name="python3", progress_bar=False,
                                        log_output=True, report_mode=False, language="python")
     finally:

@@ -46,10 +46,16 @@ def test_stage_runs_its_notebook_with_declared_params(name, family, stage):
     rel = nb.relative_to(ROOT).as_posix()
     assert stage["cmd"] == f"python -m dd.stage {base}" + (f" --family {family}" if family else "")
     assert rel in stage["deps"], f"{name}: notebook not in deps"
-    declared = stage.get("params", [])
-    assert "base" in declared and (base not in PARAMS or base in declared)
+    declared = [p.replace("${item}", family or "") for p in stage.get("params", [])]
+    own = f"{base}.{family}" if family else base
+    assert "base" in declared and (base not in PARAMS or own in declared)
     nb_params = papermill.inspect_notebook(str(nb))
-    expected = dict(PARAMS["base"], **PARAMS.get(base, {}))
+    expected = {}
+    for section, _, fam in (d.partition(".") for d in declared):
+        values = PARAMS[section][fam] if fam else PARAMS[section]
+        clash = set(values) & set(expected)
+        assert not clash, f"{name}: declared sections share keys {clash}"
+        expected.update(values)
     if family:
         expected["family"] = family
     for key, value in expected.items():
@@ -91,6 +97,6 @@ def test_source_notebooks_are_clean_and_thin(nb):
     assert cells[0]["cell_type"] == "markdown" and cells[0]["source"][0].startswith("# ")
 
 
-def test_every_params_section_belongs_to_a_stage_or_base():
-    names = {n for n in STAGES} | {"base"}
-    assert set(PARAMS) <= names
+def test_every_params_section_is_declared_by_a_stage():
+    declared = {p.split(".")[0] for _, _, st in CASES for p in st.get("params", [])}
+    assert set(PARAMS) <= declared

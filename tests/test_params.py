@@ -15,7 +15,12 @@ def test_repository_params_are_valid_and_complete():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     cfg = P.load(ROOT / "params.yaml")
     for name, cls in P.SECTIONS.items():
-        assert set(raw[name]) == {f for f in P.as_dict(cfg[name])}, f"params.yaml section {name} is incomplete"
+        if isinstance(cls, dict):
+            assert set(raw[name]) == set(cls), f"params.yaml section {name} lacks a family"
+            for fam in cls:
+                assert set(raw[name][fam]) == set(P.as_dict(cfg[name][fam])), f"{name}.{fam} is incomplete"
+        else:
+            assert set(raw[name]) == set(P.as_dict(cfg[name])), f"params.yaml section {name} is incomplete"
 
 
 @pytest.mark.parametrize("section, key, value, fragment", [
@@ -38,6 +43,20 @@ def test_invalid_value_names_key_value_and_allowed(section, key, value, fragment
 def test_unknown_key_and_section():
     with pytest.raises(P.ParamsError, match=r"prepare\.datset is not a known key; known keys: dataset"):
         P.parse("prepare", {"datset": "mnist5k"})
+
+
+def test_family_sections_and_lists():
+    cfg = P.parse("train_tokenizer", {"ch_mult": [1, 2]}, "llamagen")
+    assert cfg.ch_mult == [1, 2]
+    with pytest.raises(P.ParamsError, match=r"train_tokenizer\.llamagen\.ch_mult = \[1, 0\] is not allowed; a non-empty"):
+        P.parse("train_tokenizer", {"ch_mult": [1, 0]}, "llamagen")
+    with pytest.raises(P.ParamsError, match="train_tokenizer has no family 'gpt'; families: llamagen"):
+        P.parse("train_tokenizer", {}, "gpt")
+
+
+def test_pick_reads_a_notebook_namespace():
+    ns = {"dataset": "mnist5k", "image_size": 32, "unrelated": object()}
+    assert P.pick("prepare", ns).dataset == "mnist5k"
 
 
 def test_ints_are_accepted_as_floats():

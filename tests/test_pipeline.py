@@ -17,6 +17,11 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 TOY = {
     "prepare": {"max_train": 1500, "max_test": 300},
     "features": {"n_steps": 40, "batch_size": 32, "width": 8, "warmup_steps": 5, "n_ref": 0},
+    "train_tokenizer": {"llamagen": {"n_steps": 20, "batch_size": 16, "warmup_steps": 2, "codebook_size": 64}},
+    "train_teacher": {"llamagen": {"dim": 32, "n_layer": 1, "n_head": 2, "n_steps": 20, "batch_size": 32,
+                                   "warmup_steps": 2}},
+    "sample_teacher": {"llamagen": {"n_samples": 20, "batch_size": 20, "latency_repeats": 1,
+                                    "throughput_batch": 8}},
 }
 
 
@@ -28,7 +33,11 @@ def toy_repo(tmp_path_factory):
     shutil.copy(ROOT / "dvc.yaml", tmp / "dvc.yaml")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TOY.items():
-        params[section].update(values)
+        for key, value in values.items():
+            if isinstance(value, dict):
+                params[section][key].update(value)
+            else:
+                params[section][key] = value
     if not FMNIST.exists():
         params["prepare"]["dataset"] = "mnist5k"
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -42,7 +51,8 @@ def toy_repo(tmp_path_factory):
 
 def test_repro_writes_reports_data_and_metrics(toy_repo):
     tmp, _, _ = toy_repo
-    for stage in ("01_prepare", "02_features"):
+    for stage in ("01_prepare", "02_features", "03_train_tokenizer_llamagen", "04_train_teacher_llamagen",
+                  "05_sample_teacher_llamagen"):
         assert (tmp / f"reports/{stage}.ipynb").stat().st_size > 0
         assert (tmp / f"reports/{stage}.html").stat().st_size > 0
     x, y, meta = __import__("dd.data", fromlist=["x"]).load_split("train", tmp / "data/prepare")
@@ -52,6 +62,8 @@ def test_repro_writes_reports_data_and_metrics(toy_repo):
     key = "fid_fmnist" if FMNIST.exists() else "fid_mnist5k"
     assert s["train"][key] < s["blurred_test"][key] < s["noise"][key]
     assert 0 < m["test_accuracy"] <= 1
+    s = io.read_json(tmp / "reports/metrics/sample_teacher_llamagen.json")
+    assert s["ar_steps"] == 64 and s["latency_s"] > 0 and 0 <= s["class_acc"] <= 1 and s["test_nll_bits"] > 0
 
 
 def test_second_repro_is_up_to_date(toy_repo):

@@ -1,0 +1,145 @@
+"""A teacher family behind one small interface: tokenizer, AR teacher, sampling, likelihood, decoding.
+
+The stages (`train_tokenizer`, `train_teacher`, `sample_teacher`, and the distillation stages after them) use a
+family only through `family(name)`, so they do not care whether the teacher predicts the next token (LlamaGen) or the
+next scale (VAR). Token sequences are always `LongTensor[N, L]` in the teacher's generation order (LlamaGen: raster
+order of the h×w grid; VAR: the scales concatenated, coarse to fine). Images are uint8 `[N, C, S, S]` on the way in
+(grey data is replicated to the official 3 channels) and float `[N, 3, S, S]` in [-1, 1] on the way out.
+
+Hand-offs: weights as safetensors, the constructor config in the stage's `meta.json`, so
+`load_model(folder, name, cls)` rebuilds a model without pickles.
+
+References:
+    FoundationVision/LlamaGen (`autoregressive/sample/sample_c2i.py`: labels → tokens → `decode_code`).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import data, io, llamagen
+
+
+def _batches(n: int, batch_size: int, desc: str | None = None):
+    starts = range(0, n, batch_size)
+    return tqdm(starts, desc=desc, mininterval=2.0) if desc and len(starts) > 4 else starts
+
+
+class LlamaGen:
+    """Next-token family: VQ tokenizer (L2-normalised codebook) + class-conditional GPT, raster order."""
+
+    name = "llamagen"
+    Tokenizer, Teacher = llamagen.VQModel, llamagen.GPT
+
+    @staticmethod
+    def build_tokenizer(cfg) -> llamagen.VQModel:
+        return llamagen.VQModel(in_channels=3, ch=cfg.ch, ch_mult=list(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
+                                z_channels=cfg.z_channels, codebook_size=cfg.codebook_size,
+                                codebook_embed_dim=cfg.codebook_dim, dead_code_steps=cfg.dead_code_steps)
+
+    @staticmethod
+    def tokenizer_loss(model, batch):
+        return model.loss(data.to_channels(data.to_float(batch["images"]), 3))
+
+    @staticmethod
+    @torch.no_grad()
+    def encode(tok, images: torch.Tensor, batch_size: int = 500, device="cpu") -> torch.Tensor:
+        """uint8 [N, C, S, S] → tokens [N, h·w] (raster order)."""
+        tok.eval().to(device)
+        out = [tok.encode_indices(data.to_channels(data.to_float(images[i:i + batch_size].to(device)), 3)).flatten(1)
+               for i in _batches(len(images), batch_size, "encode")]
+        return torch.cat(out).cpu()
+
+    @staticmethod
+    @torch.no_grad()
+    def decode(tok, tokens: torch.Tensor, batch_size: int = 500, device="cpu") -> torch.Tensor:
+        """tokens [N, h·w] → images [N, 3, S, S] in [-1, 1] (clamped)."""
+        tok.eval().to(device)
+        side = math.isqrt(tokens.shape[1])
+        out = [tok.decode_indices(tokens[i:i + batch_size].to(device).view(-1, side, side)).clamp(-1, 1).cpu()
+               for i in _batches(len(tokens), batch_size)]
+        return torch.cat(out)
+
+    @staticmethod
+    def codebook(tok) -> torch.Tensor:
+        """[V, D]: the embedding space the flow / score of DD1 and DD2 live in."""
+        return tok.codebook().detach()
+
+    @staticmethod
+    def build_teacher(cfg, tok, num_classes: int, image_size: int) -> llamagen.GPT:
+        side = image_size // tok.downsample_factor
+        return llamagen.GPT(vocab_size=tok.config["codebook_size"], num_classes=num_classes, dim=cfg.dim,
+                            n_layer=cfg.n_layer, n_head=cfg.n_head, grid_size=side,
+                            token_dropout_p=cfg.dropout, resid_dropout_p=cfg.dropout, ffn_dropout_p=cfg.dropout,
+                            class_dropout_prob=cfg.class_dropout)
+
+    @staticmethod
+    def teacher_loss(model, batch):
+        return model.loss(batch["tokens"], batch["labels"])
+
+    @staticmethod
+    def ar_steps(teacher) -> int:
+        return teacher.grid_size ** 2
+
+    @staticmethod
+    @torch.no_grad()
+    def nll(teacher, tokens: torch.Tensor, labels: torch.Tensor, batch_size: int = 250, device="cpu") -> float:
+        """Mean negative log-likelihood of tokens [N, L] under the (unguided) teacher, in nats per token."""
+        teacher.eval().to(device)
+        total = 0.0
+        for i in _batches(len(tokens), batch_size):
+            t, y = tokens[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+            total += F.cross_entropy(teacher.logits(t, y).flatten(0, 1), t.flatten(), reduction="sum").item()
+        return total / tokens.numel()
+
+    @staticmethod
+    @torch.no_grad()
+    def sample(teacher, labels: torch.Tensor, cfg, generator=None, batch_size: int = 250, device="cpu",
+               sample_fn=None) -> torch.Tensor:
+        """labels [N] → tokens [N, L], with the sample_teacher section's CFG / temperature / top-k / top-p."""
+        teacher.eval().to(device)
+        out = []
+        for i in _batches(len(labels), batch_size, "sample"):
+            out.append(teacher.generate(labels[i:i + batch_size].to(device), cfg_scale=cfg.cfg_scale,
+                                        cfg_interval=cfg.cfg_interval, temperature=cfg.temperature, top_k=cfg.top_k,
+                                        top_p=cfg.top_p, generator=generator, sample_fn=sample_fn).cpu())
+        return torch.cat(out)
+
+    @staticmethod
+    def load_official(tcfg):
+        """`teacher.source: official`: the released VQ and GPT files, loaded strictly."""
+        return llamagen.load_vq(tcfg.tokenizer_path), llamagen.load_gpt(tcfg.teacher_path, grid_size=tcfg.grid_size)
+
+
+FAMILIES = {"llamagen": LlamaGen}
+
+
+def family(name: str):
+    if name not in FAMILIES:
+        raise ValueError(f"unknown teacher family {name!r}; families: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def save_model(folder: str | Path, stage: str, name: str, model, **info) -> None:
+    """Write `folder/name.safetensors` and record the model's class and constructor config in meta.json."""
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    io.save_tensors(Path(folder) / f"{name}.safetensors", weights)
+    io.write_meta(folder, stage, {f"{name}.safetensors": weights},
+                  models={name: {"class": type(model).__name__, "config": model.config, **info}})
+
+
+def load_model(folder: str | Path, name: str, cls):
+    """Rebuild `cls(**config)` from meta.json and load `folder/name.safetensors` strictly (eval mode)."""
+    folder = io.path(folder)
+    weights, meta = io.read_checked(folder, f"{name}.safetensors")
+    info = meta.get("models", {}).get(name)
+    if info is None or info["class"] != cls.__name__:
+        raise ValueError(f"{folder}/meta.json: {name} is {info and info['class']}, expected a {cls.__name__} "
+                         "(wrong family's checkpoint?)")
+    model = cls(**info["config"])
+    model.load_state_dict(weights, strict=True)
+    return model.eval()
