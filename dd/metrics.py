@@ -34,19 +34,19 @@ def fid_name(dataset: str) -> str:
 
 
 class FeatureNet(nn.Module):
-    """CNN classifier: 3 conv stages (w, 2w, 4w channels) → global average pool → features [B, 4w] → logits."""
+    """CNN classifier: conv blocks of w, 2w, 4w, 4w channels with 2× pooling between them → global average pool →
+    features [B, 4w] → logits. Small on purpose: it trains to ~90% on Fashion-MNIST in a couple of CPU minutes."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32):
         super().__init__()
         self.config = dict(in_channels=in_channels, num_classes=num_classes, width=width)
-
-        def stage(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-        self.body = nn.Sequential(stage(in_channels, width), nn.MaxPool2d(2),
-                                  stage(width, 2 * width), nn.MaxPool2d(2),
-                                  stage(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        chans = [in_channels, width, 2 * width, 4 * width, 4 * width]
+        layers = []
+        for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+            if i < len(chans) - 2:
+                layers.append(nn.MaxPool2d(2))
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(4 * width, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
