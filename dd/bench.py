@@ -56,7 +56,7 @@ def teacher_speed(fam, tok, teacher, cfg, labels: torch.Tensor, big_batch: int, 
                   generator=None) -> dict:
     """Latency / throughput of a teacher family's sampling, for tokens alone and end to end with decoding."""
     def tokens(b):
-        return lambda: fam.sample(teacher, labels[:b], cfg, generator=generator, batch_size=b, device=device)
+        return lambda: fam.sample(tok, teacher, labels[:b], cfg, generator=generator, batch_size=b, device=device)
 
     def end_to_end(b):
         return lambda: fam.decode(tok, tokens(b)(), batch_size=b, device=device)

@@ -69,6 +69,12 @@ def write_json(dest: str | Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def write_csv(dest: str | Path, frame) -> None:
+    """A pandas DataFrame to CSV (DVC plots), atomically, creating the folder."""
+    with atomic_path(dest) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
 def read_json(src: str | Path) -> Any:
     return json.loads(Path(src).read_text())
 

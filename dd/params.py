@@ -121,14 +121,59 @@ class SampleTeacherLlamaGen:
     throughput_batch: int = num(256, "batch size of the throughput measurement", lo=1)
 
 
+@dataclass(frozen=True)
+class TeacherVar:
+    source: str = choice("train", ("train", "official"), "train the tokenizer and teacher here, or load released files")
+    tokenizer_path: str = _spec("", "official: the released VQVAE (vae_ch160v4096z32.pth)")
+    teacher_path: str = _spec("", "official: the released VAR (var_d16.pth)")
+
+
+@dataclass(frozen=True)
+class TrainTokenizerVar:
+    ch: int = num(32, "base channels of encoder / decoder (a multiple of 32: GroupNorm(32))", lo=32)
+    ch_mult: list = _spec([1, 2, 2], "channel multipliers per level; len - 1 downsamplings (32 px -> 8x8)")
+    num_res_blocks: int = num(1, "residual blocks per level", lo=1)
+    vocab_size: int = num(512, "number of codes V (raw codebook)", lo=2)
+    z_channels: int = num(16, "code dimension Cvae", lo=1)
+    patch_nums: list = _spec([1, 2, 3, 4, 6, 8], "side of each scale's token map, coarse to fine (last = latent side)")
+    n_steps: int = num(600, "training steps", lo=1)
+    batch_size: int = num(32, "batch size", lo=1)
+    lr: float = num(1e-3, "AdamW learning rate", lo=0.0, lo_open=True, hi=1.0)
+    warmup_steps: int = num(50, "linear warm-up steps", lo=0)
+
+
+@dataclass(frozen=True)
+class TrainTeacherVar:
+    depth: int = num(4, "transformer blocks", lo=1)
+    embed_dim: int = num(192, "width C (release: 64 * depth)", lo=8)
+    num_heads: int = num(4, "attention heads (release: depth)", lo=1)
+    class_dropout: float = num(0.1, "label dropout for classifier-free guidance", lo=0.0, hi=0.9)
+    n_steps: int = num(600, "training steps", lo=1)
+    batch_size: int = num(64, "batch size", lo=1)
+    lr: float = num(1e-3, "AdamW learning rate", lo=0.0, lo_open=True, hi=1.0)
+    weight_decay: float = num(0.05, "AdamW weight decay", lo=0.0)
+    warmup_steps: int = num(50, "linear warm-up steps", lo=0)
+
+
+@dataclass(frozen=True)
+class SampleTeacherVar:
+    cfg: float = num(2.0, "VAR's CFG ramp: scale si uses (1 + r) c - r u, r = cfg * si / (SN - 1)", lo=0.0)
+    top_k: int = num(0, "keep the k most likely tokens (0: off)", lo=0)
+    top_p: float = num(0.0, "nucleus sampling mass (0.0: off, VAR's convention)", lo=0.0, hi=1.0)
+    n_samples: int = num(1000, "samples for the metrics (labels uniform over classes)", lo=10)
+    batch_size: int = num(250, "sampling batch size", lo=1)
+    latency_repeats: int = num(5, "timed repeats of batch-1 and batch-N generation (median)", lo=1)
+    throughput_batch: int = num(256, "batch size of the throughput measurement", lo=1)
+
+
 SECTIONS: dict[str, type | dict] = {
     "base": Base, "prepare": Prepare, "features": Features,
-    "teacher": {"llamagen": Teacher},
-    "train_tokenizer": {"llamagen": TrainTokenizerLlamaGen},
-    "train_teacher": {"llamagen": TrainTeacherLlamaGen},
-    "sample_teacher": {"llamagen": SampleTeacherLlamaGen},
+    "teacher": {"llamagen": Teacher, "var": TeacherVar},
+    "train_tokenizer": {"llamagen": TrainTokenizerLlamaGen, "var": TrainTokenizerVar},
+    "train_teacher": {"llamagen": TrainTeacherLlamaGen, "var": TrainTeacherVar},
+    "sample_teacher": {"llamagen": SampleTeacherLlamaGen, "var": SampleTeacherVar},
 }
-FAMILIES = ("llamagen",)
+FAMILIES = ("llamagen", "var")
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import data, io, llamagen
+from . import data, io, llamagen, var
 
 
 def _batches(n: int, batch_size: int, desc: str | None = None):
@@ -78,8 +78,9 @@ class LlamaGen:
                             class_dropout_prob=cfg.class_dropout)
 
     @staticmethod
-    def teacher_loss(model, batch):
-        return model.loss(batch["tokens"], batch["labels"])
+    def teacher_loss_fn(tok):
+        """loss_fn(model, {"tokens", "labels"}) for `train.fit`."""
+        return lambda model, batch: model.loss(batch["tokens"], batch["labels"])
 
     @staticmethod
     def ar_steps(teacher) -> int:
@@ -87,18 +88,13 @@ class LlamaGen:
 
     @staticmethod
     @torch.no_grad()
-    def nll(teacher, tokens: torch.Tensor, labels: torch.Tensor, batch_size: int = 250, device="cpu") -> float:
-        """Mean negative log-likelihood of tokens [N, L] under the (unguided) teacher, in nats per token."""
-        teacher.eval().to(device)
-        total = 0.0
-        for i in _batches(len(tokens), batch_size):
-            t, y = tokens[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
-            total += F.cross_entropy(teacher.logits(t, y).flatten(0, 1), t.flatten(), reduction="sum").item()
-        return total / tokens.numel()
+    def logits(tok, teacher, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced, unguided logits [N, L, V]; position i predicts tokens[:, i]."""
+        return teacher.logits(tokens, labels)
 
     @staticmethod
     @torch.no_grad()
-    def sample(teacher, labels: torch.Tensor, cfg, generator=None, batch_size: int = 250, device="cpu",
+    def sample(tok, teacher, labels: torch.Tensor, cfg, generator=None, batch_size: int = 250, device="cpu",
                sample_fn=None) -> torch.Tensor:
         """labels [N] → tokens [N, L], with the sample_teacher section's CFG / temperature / top-k / top-p."""
         teacher.eval().to(device)
@@ -115,7 +111,102 @@ class LlamaGen:
         return llamagen.load_vq(tcfg.tokenizer_path), llamagen.load_gpt(tcfg.teacher_path, grid_size=tcfg.grid_size)
 
 
-FAMILIES = {"llamagen": LlamaGen}
+class VAR:
+    """Next-scale family: multi-scale residual VQVAE (raw codebook) + VAR transformer; tokens = scales concatenated."""
+
+    name = "var"
+    Tokenizer, Teacher = var.VQVAE, var.VAR
+
+    @staticmethod
+    def build_tokenizer(cfg) -> var.VQVAE:
+        return var.VQVAE(vocab_size=cfg.vocab_size, z_channels=cfg.z_channels, ch=cfg.ch, ch_mult=list(cfg.ch_mult),
+                         num_res_blocks=cfg.num_res_blocks, patch_nums=list(cfg.patch_nums))
+
+    tokenizer_loss = LlamaGen.tokenizer_loss
+
+    @staticmethod
+    def split(tok, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """[N, L] → one [N, pn²] block per scale."""
+        return list(tokens.split([p * p for p in tok.patch_nums], dim=1))
+
+    @staticmethod
+    @torch.no_grad()
+    def encode(tok, images: torch.Tensor, batch_size: int = 500, device="cpu") -> torch.Tensor:
+        """uint8 [N, C, S, S] → tokens [N, L] (scales coarse to fine, each in raster order)."""
+        tok.eval().to(device)
+        out = [torch.cat(tok.encode_scales(data.to_channels(data.to_float(images[i:i + batch_size].to(device)), 3)), 1)
+               for i in _batches(len(images), batch_size, "encode")]
+        return torch.cat(out).cpu()
+
+    @staticmethod
+    @torch.no_grad()
+    def decode(tok, tokens: torch.Tensor, batch_size: int = 500, device="cpu") -> torch.Tensor:
+        tok.eval().to(device)
+        out = [tok.decode_scales(VAR.split(tok, tokens[i:i + batch_size].to(device))).clamp(-1, 1).cpu()
+               for i in _batches(len(tokens), batch_size)]
+        return torch.cat(out)
+
+    @staticmethod
+    def codebook(tok) -> torch.Tensor:
+        return tok.codebook().detach()
+
+    @staticmethod
+    def build_teacher(cfg, tok, num_classes: int, image_size: int) -> var.VAR:
+        return var.VAR(vocab_size=tok.config["vocab_size"], z_channels=tok.z_channels, num_classes=num_classes,
+                       depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
+                       cond_drop_rate=cfg.class_dropout, patch_nums=list(tok.patch_nums))
+
+    @staticmethod
+    def teacher_loss_fn(tok):
+        """loss_fn(model, {"tokens", "labels"}): the frozen VQVAE builds VAR's next-scale inputs per batch."""
+        tok.eval()
+
+        def loss(model, batch):
+            idx = VAR.split(tok, batch["tokens"])
+            with torch.no_grad():
+                x_in = tok.to(batch["tokens"].device).teacher_forcing_input(idx)
+            return model.loss(idx, batch["labels"], x_in)
+
+        return loss
+
+    @staticmethod
+    def ar_steps(teacher) -> int:
+        return len(teacher.patch_nums)
+
+    @staticmethod
+    def logits(tok, teacher, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return teacher.logits(tok.teacher_forcing_input(VAR.split(tok, tokens)), labels)
+
+    @staticmethod
+    @torch.no_grad()
+    def sample(tok, teacher, labels: torch.Tensor, cfg, generator=None, batch_size: int = 250, device="cpu",
+               sample_fn=None) -> torch.Tensor:
+        """labels [N] → tokens [N, L], with VAR's CFG ramp and top-k / top-p (no temperature)."""
+        teacher.eval().to(device), tok.eval().to(device)
+        out = []
+        for i in _batches(len(labels), batch_size, "sample"):
+            idx = teacher.generate(tok, labels[i:i + batch_size].to(device), cfg=cfg.cfg, top_k=cfg.top_k,
+                                   top_p=cfg.top_p, generator=generator, sample_fn=sample_fn)
+            out.append(torch.cat(idx, 1).cpu())
+        return torch.cat(out)
+
+    @staticmethod
+    def load_official(tcfg):
+        return var.load_vae(tcfg.tokenizer_path), var.load_var(tcfg.teacher_path)
+
+
+@torch.no_grad()
+def nll(fam, tok, teacher, tokens: torch.Tensor, labels: torch.Tensor, batch_size: int = 250, device="cpu") -> float:
+    """Mean negative log-likelihood of tokens [N, L] under the unguided teacher, in nats per token."""
+    teacher.eval().to(device), tok.eval().to(device)
+    total = 0.0
+    for i in _batches(len(tokens), batch_size):
+        t, y = tokens[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+        total += F.cross_entropy(fam.logits(tok, teacher, t, y).flatten(0, 1), t.flatten(), reduction="sum").item()
+    return total / tokens.numel()
+
+
+FAMILIES = {"llamagen": LlamaGen, "var": VAR}
 
 
 def family(name: str):

@@ -105,8 +105,13 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
     step, history = 0, []
-    if ckpt_path.is_file():
-        ck = io.load_checkpoint(ckpt_path, map_location=device)
+    fingerprint = {"fit_config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+                   "model_config": getattr(model, "config", None), "n": n}
+    ck = io.load_checkpoint(ckpt_path, map_location=device) if ckpt_path.is_file() else None
+    if ck is not None and ck.get("fingerprint") != fingerprint:  # another run's state: never resume from it
+        print(f"{ckpt_path}: written by a run with other settings; starting afresh")
+        ck = None
+    if ck is not None:
         model.load_state_dict(ck["model"])
         if ema is not None:
             ema.load_state_dict(ck["ema"])
@@ -119,7 +124,7 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
         io.save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "optimizer": opt.state_dict(), "step": step, "history": history, "rng": _rng_state(),
-            "fit_config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}})
+            "fingerprint": fingerprint})
 
     bar = tqdm(total=cfg.n_steps, initial=step, desc=desc, mininterval=2.0)
     while step < cfg.n_steps:

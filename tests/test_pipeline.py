@@ -17,11 +17,14 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 TOY = {
     "prepare": {"max_train": 1500, "max_test": 300},
     "features": {"n_steps": 40, "batch_size": 32, "width": 8, "warmup_steps": 5, "n_ref": 0},
-    "train_tokenizer": {"llamagen": {"n_steps": 20, "batch_size": 16, "warmup_steps": 2, "codebook_size": 64}},
+    "train_tokenizer": {"llamagen": {"n_steps": 10, "batch_size": 8, "warmup_steps": 2, "codebook_size": 64},
+                        "var": {"n_steps": 10, "batch_size": 8, "warmup_steps": 2, "vocab_size": 64}},
     "train_teacher": {"llamagen": {"dim": 32, "n_layer": 1, "n_head": 2, "n_steps": 20, "batch_size": 32,
-                                   "warmup_steps": 2}},
-    "sample_teacher": {"llamagen": {"n_samples": 20, "batch_size": 20, "latency_repeats": 1,
-                                    "throughput_batch": 8}},
+                                   "warmup_steps": 2},
+                      "var": {"depth": 1, "embed_dim": 32, "num_heads": 2, "n_steps": 20, "batch_size": 16,
+                              "warmup_steps": 2}},
+    "sample_teacher": {"llamagen": {"n_samples": 20, "batch_size": 20, "latency_repeats": 1, "throughput_batch": 8},
+                       "var": {"n_samples": 20, "batch_size": 20, "latency_repeats": 1, "throughput_batch": 8}},
 }
 
 
@@ -51,8 +54,8 @@ def toy_repo(tmp_path_factory):
 
 def test_repro_writes_reports_data_and_metrics(toy_repo):
     tmp, _, _ = toy_repo
-    for stage in ("01_prepare", "02_features", "03_train_tokenizer_llamagen", "04_train_teacher_llamagen",
-                  "05_sample_teacher_llamagen"):
+    for stage in ("01_prepare", "02_features", *(f"{nb}_{fam}" for fam in ("llamagen", "var") for nb in
+                                                  ("03_train_tokenizer", "04_train_teacher", "05_sample_teacher"))):
         assert (tmp / f"reports/{stage}.ipynb").stat().st_size > 0
         assert (tmp / f"reports/{stage}.html").stat().st_size > 0
     x, y, meta = __import__("dd.data", fromlist=["x"]).load_split("train", tmp / "data/prepare")
@@ -62,8 +65,9 @@ def test_repro_writes_reports_data_and_metrics(toy_repo):
     key = "fid_fmnist" if FMNIST.exists() else "fid_mnist5k"
     assert s["train"][key] < s["blurred_test"][key] < s["noise"][key]
     assert 0 < m["test_accuracy"] <= 1
-    s = io.read_json(tmp / "reports/metrics/sample_teacher_llamagen.json")
-    assert s["ar_steps"] == 64 and s["latency_s"] > 0 and 0 <= s["class_acc"] <= 1 and s["test_nll_bits"] > 0
+    for fam, steps in (("llamagen", 64), ("var", 6)):
+        s = io.read_json(tmp / f"reports/metrics/sample_teacher_{fam}.json")
+        assert s["ar_steps"] == steps and s["latency_s"] > 0 and 0 <= s["class_acc"] <= 1 and s["test_nll_bits"] > 0
 
 
 def test_second_repro_is_up_to_date(toy_repo):

@@ -78,3 +78,11 @@ def test_lr_schedule():
     cfg = train.FitConfig(n_steps=100, batch_size=1, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == pytest.approx(1.0)
     assert train.lr_at(100, cfg) == pytest.approx(0.1) and train.lr_at(55, cfg) == pytest.approx(0.55)
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tmp_path):
+    data = _setup()
+    train.fit(_model(), _loss, data, CFG, tmp_path / "ck.pt")
+    other = train.FitConfig(**{**CFG.__dict__, "lr": 1e-3})
+    out = train.fit(_model(), _loss, data, other, tmp_path / "ck.pt")
+    assert out["resumed_from"] == 0 and out["history"][-1]["step"] == 60

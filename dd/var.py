@@ -1,0 +1,804 @@
+"""VAR teacher family: the multi-scale residual VQVAE and the next-scale-prediction transformer.
+
+The VQVAE encodes an image into K token maps r_1..r_K of growing side pn_k (`patch_nums`). Each map quantises what
+the coarser maps have not explained yet: f_rest is area-downsampled to pn_k x pn_k, matched against the raw
+codebook, and its code vectors are bicubic-upsampled, refined by a shared conv phi and subtracted. The image is
+decoded from f_hat = sum_k phi_k(up(e(r_k))). VAR predicts all pn_k^2 tokens of scale k at once from the class and
+the coarser scales (block-causal attention), so sampling takes K steps; the teacher-forced input of scale k is
+f_hat after k - 1 scales, area-downsampled to pn_k.
+
+Both networks reproduce the release's architecture and state-dict keys (buffers included), so `var_d*.pth` and
+`vae_ch160v4096z32.pth` load strictly. On top of that: sizes are configurable (ch_mult included, which upstream
+hard-codes), the VQVAE has a training loss with dead-code restarts, and VAR has teacher-forced (guided) logits,
+a training loss, and KV-cached sampling with a `sample_fn` hook through which DD1 replaces sampling by a flow map.
+The distillation embedding space is the raw codebook `VQVAE.codebook()` (no normalisation).
+
+Differences from upstream: `forward`'s label dropout happens only in training (upstream drops labels in eval too);
+no global `reset_parameters` monkey-patch (VAR.init_weights initialises explicitly); no shared AdaLN (only the
+512 px d36 uses it), progressive training, gumbel "more_smooth" sampling, flash-attn or fused kernels; decoded
+images are in [-1, 1] (upstream's sampler returns [0, 1]).
+
+References:
+    - Tian et al., "Visual Autoregressive Modeling: Scalable Image Generation via Next-Scale Prediction" (VAR),
+      NeurIPS 2024, arXiv 2404.02905.
+    - Liu et al., "Distilled Decoding 1" (DD1), arXiv 2412.17153; "Distilled Decoding 2" (DD2), arXiv 2510.21003.
+    - FoundationVision/VAR @78b9539 (behaviour matched): `models/basic_vae.py` (Encoder, Decoder), `models/quant.py`
+      (VectorQuantizer2, Phi, PhiPartiallyShared), `models/vqvae.py` (VQVAE), `models/basic_var.py`
+      (SelfAttention, AdaLNSelfAttn, AdaLNBeforeHead), `models/var.py` (VAR.forward, autoregressive_infer_cfg,
+      init_weights), `models/helpers.py` (sample_with_top_k_top_p_), `models/__init__.py` (release sizes).
+    - CompVis latent-diffusion VQ-f16 (the encoder/decoder layout VAR's VQVAE copies).
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+RELEASE_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 256 px, L = 680
+TINY_PATCH_NUMS = (1, 2, 3, 4, 6, 8)  # 32 px, L = 130
+
+VAE_CONFIGS = {
+    "release": dict(vocab_size=4096, z_channels=32, ch=160, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2,
+                    patch_nums=list(RELEASE_PATCH_NUMS)),  # vae_ch160v4096z32.pth
+    "tiny": dict(vocab_size=512, z_channels=16, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1,
+                 patch_nums=list(TINY_PATCH_NUMS)),  # 32 px -> 8x8 latent; the embedded default
+}
+VAR_CONFIGS = {  # build_vae_var(depth): width 64 * depth, heads = depth, drop path 0.1 * depth / 24
+    **{f"d{d}": dict(vocab_size=4096, z_channels=32, num_classes=1000, depth=d, embed_dim=64 * d, num_heads=d,
+                     drop_path_rate=0.1 * d / 24, patch_nums=list(RELEASE_PATCH_NUMS)) for d in (16, 20, 24, 30)},
+    "tiny": dict(vocab_size=512, z_channels=16, num_classes=10, depth=4, embed_dim=192, num_heads=4,
+                 drop_path_rate=0.0, patch_nums=list(TINY_PATCH_NUMS)),
+}
+
+
+def _check_patch_nums(patch_nums) -> tuple[int, ...]:
+    pns = tuple(int(p) for p in patch_nums)
+    if len(pns) < 2 or pns[0] < 1 or any(b <= a for a, b in zip(pns, pns[1:])):
+        raise ValueError(f"patch_nums must be >= 2 strictly increasing positive ints, got {list(patch_nums)}")
+    return pns
+
+
+def _to_map(h: torch.Tensor, pn: int) -> torch.Tensor:
+    """[B, pn*pn, C] token vectors (raster order) -> [B, C, pn, pn]."""
+    return h.transpose(1, 2).reshape(h.shape[0], h.shape[2], pn, pn)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-scale residual VQVAE
+# ----------------------------------------------------------------------------------------------------------------
+
+def _group_norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, c, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1, self.conv1 = _group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = _group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()  # Identity: no key
+
+    def forward(self, x):  # [B, c_in, H, W] -> [B, c_out, H, W]
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over pixels with one fused 1x1 `qkv` conv (VAR's layout): [B,C,H,W] -> same."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm, self.qkv, self.proj_out = _group_norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # each [B, HW, C]
+        h = F.scaled_dot_product_attention(q, k, v)  # default scale C^-1/2, as upstream
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):  # asymmetric pad (right, bottom) then stride 2: H -> H/2
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+def _level(c_in: int, c_out: int, n_blocks: int, attn: bool) -> nn.Module:
+    """One resolution level: `block.{j}` ResnetBlocks, each followed by `attn.{j}` on the coarsest level."""
+    level = nn.Module()
+    level.block = nn.ModuleList([ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(n_blocks)])
+    level.attn = nn.ModuleList([AttnBlock(c_out) for _ in range(n_blocks)] if attn else [])
+    return level
+
+
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    for j, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[j](h)
+    return h
+
+
+def _mid(c: int) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+    return mid
+
+
+class Encoder(nn.Module):
+    """[B, 3, H, W] -> [B, z_channels, H/2^(n-1), W/2^(n-1)], n = len(ch_mult); keys `encoder.down.{i}...`."""
+
+    def __init__(self, ch: int, ch_mult, num_res_blocks: int, z_channels: int):
+        super().__init__()
+        n = len(ch_mult)
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        c = ch
+        for i, m in enumerate(ch_mult):
+            self.down.append(_level(c, ch * m, num_res_blocks, attn=i == n - 1))
+            c = ch * m
+            if i != n - 1:
+                self.down[i].downsample = Downsample(c)
+        self.mid = _mid(c)
+        self.norm_out, self.conv_out = _group_norm(c), nn.Conv2d(c, z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = _run_level(level, h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """[B, z_channels, h, w] -> [B, 3, h*2^(n-1), w*2^(n-1)]; `decoder.up.{i}` is indexed by resolution level
+    (up.{n-1} is the coarsest and runs first), with num_res_blocks + 1 ResnetBlocks per level."""
+
+    def __init__(self, ch: int, ch_mult, num_res_blocks: int, z_channels: int):
+        super().__init__()
+        n = len(ch_mult)
+        c = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, c, 3, padding=1)
+        self.mid = _mid(c)
+        levels = [None] * n
+        for i in reversed(range(n)):
+            levels[i] = _level(c, ch * ch_mult[i], num_res_blocks + 1, attn=i == n - 1)
+            c = ch * ch_mult[i]
+            if i != 0:
+                levels[i].upsample = Upsample(c)
+        self.up = nn.ModuleList(levels)
+        self.norm_out, self.conv_out = _group_norm(c), nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for level in reversed(self.up):
+            h = _run_level(level, h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def phi_index_table(n_scales: int, n_phi: int = 4) -> list[int]:
+    """Which of the n_phi shared phi convs each scale uses: the one whose tick is nearest to si / (SN - 1).
+
+    Ticks are linspace(1/3/K, 1 - 1/3/K, K) for K = 4 (1/2/K margins otherwise). With the release's 10 scales,
+    si = 2 lies exactly between ticks 0 and 1 and float64 rounding picks 1: [0,0,1,1,1,2,2,3,3,3]. The same
+    numpy expressions as upstream are used on purpose so that ties break the same way.
+    """
+    margin = 1 / 3 / n_phi if n_phi == 4 else 1 / 2 / n_phi
+    ticks = np.linspace(margin, 1 - margin, n_phi)
+    return [int(np.argmin(np.abs(ticks - si / (n_scales - 1)))) for si in range(n_scales)]
+
+
+class Phi(nn.Conv2d):
+    """phi(h) = (1 - r) h + r conv3x3(h): the residual refinement applied to each upsampled scale."""
+
+    def __init__(self, c: int, ratio: float):
+        super().__init__(c, c, 3, padding=1)
+        self.ratio = ratio
+
+    def forward(self, h):
+        return h * (1 - self.ratio) + super().forward(h) * self.ratio
+
+
+class PhiPartiallyShared(nn.Module):
+    """K phi convs (`qresi_ls`) shared by the scales through `phi_index_table`: (h [B,C,H,W], si) -> same."""
+
+    def __init__(self, c: int, ratio: float, n_phi: int, n_scales: int):
+        super().__init__()
+        self.qresi_ls = nn.ModuleList([Phi(c, ratio) for _ in range(n_phi)])
+        self.table = phi_index_table(n_scales, n_phi)
+
+    def forward(self, h, si: int):
+        return self.qresi_ls[self.table[si]](h)
+
+
+class MultiScaleQuantizer(nn.Module):
+    """VAR's residual quantiser (upstream VectorQuantizer2): raw codebook, Euclidean nearest code, phi convs."""
+
+    def __init__(self, vocab_size, z_channels, patch_nums, beta, quant_resi, share_quant_resi, dead_code_frac):
+        super().__init__()
+        self.patch_nums, self.beta, self.dead_code_frac = tuple(patch_nums), beta, dead_code_frac
+        self.quant_resi = PhiPartiallyShared(z_channels, quant_resi, share_quant_resi, len(patch_nums))
+        # Per-scale EMA of code hits per batch (release key; only statistics, drives the dead-code restarts).
+        self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(patch_nums), vocab_size))
+        self.embedding = nn.Embedding(vocab_size, z_channels)
+        self.n_records = 0  # batches seen by the EMA; a plain attribute, not in the state dict
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """z [N, C] -> nearest raw code [N]; same distance expression as upstream, so near-ties break alike."""
+        e = self.embedding.weight.detach()
+        d = torch.addmm(z.square().sum(1, keepdim=True) + e.square().sum(1), z, e.T, alpha=-2)
+        return d.argmin(1)
+
+    def forward(self, f: torch.Tensor):
+        """f [B, C, H, W] -> (f_hat [B,C,H,W] straight-through, idx list [B, pn^2] per scale, vq loss, z [N, C]).
+
+        vq = mean over scales of beta * |sg(f_hat_k) - f|^2 + |f_hat_k - sg(f)|^2 (f_hat_k: the running sum);
+        z holds every vector that was matched against the codebook (the candidates for dead-code restarts).
+        """
+        B, C, H, W = f.shape
+        SN = len(self.patch_nums)
+        f_ng = f.detach()
+        f_rest, f_hat = f_ng.clone(), torch.zeros_like(f_ng)
+        idx_list, zs, vq = [], [], 0.0
+        for si, pn in enumerate(self.patch_nums):
+            z = f_rest if si == SN - 1 else F.interpolate(f_rest, size=(pn, pn), mode="area")
+            z = z.permute(0, 2, 3, 1).reshape(-1, C)
+            idx = self.nearest(z)
+            h = self.embedding(idx.view(B, pn, pn)).permute(0, 3, 1, 2)
+            if si != SN - 1:
+                h = F.interpolate(h, size=(H, W), mode="bicubic")
+            h = self.quant_resi(h, si)
+            f_hat = f_hat + h
+            f_rest = f_rest - h.detach()
+            vq = vq + self.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_ng)
+            idx_list.append(idx.view(B, pn * pn))
+            zs.append(z)
+        f_hat = f_hat.detach() - f_ng + f  # load-bearing: straight-through gradient to the encoder
+        return f_hat, idx_list, vq / SN, torch.cat(zs)
+
+    @torch.no_grad()
+    def update_usage(self, idx_list: list[torch.Tensor], z: torch.Tensor) -> dict:
+        """Training bookkeeping after one batch: EMA of hits per scale (decay 0.9 for the first 100 batches, then
+        0.99, as upstream), then restart dead codes from random rows of z. A code is dead when its hits over
+        all scales fall below dead_code_frac x the mean; restarted codes get the mean hit count as a grace
+        period. Returns {"usage": % of codes hit by this batch, "restarted": count}."""
+        V = self.embedding.num_embeddings
+        hits = torch.stack([idx.flatten().bincount(minlength=V).float() for idx in idx_list])  # [S, V]
+        ddp = dist.is_available() and dist.is_initialized()
+        if ddp:  # global counts, as upstream: every rank then sees the same EMA and the same dead codes
+            dist.all_reduce(hits)
+        decay = 0.0 if self.n_records == 0 else 0.9 if self.n_records < 100 else 0.99
+        self.ema_vocab_hit_SV.mul_(decay).add_(hits * (1 - decay))
+        self.n_records += 1
+        usage = 100.0 * (hits.sum(0) > 0).float().mean().item()
+        total = self.ema_vocab_hit_SV.sum(0)
+        dead = total < self.dead_code_frac * total.mean()
+        n = int(dead.sum())
+        if n:
+            new = z[torch.randint(z.shape[0], (n,), device=z.device)].to(self.embedding.weight.dtype)
+            if ddp:  # load-bearing under DDP: parameters are edited in place, so all ranks take rank 0's rows
+                dist.broadcast(new, 0)
+            self.embedding.weight[dead] = new
+            self.ema_vocab_hit_SV[:, dead] = self.ema_vocab_hit_SV.mean(1, keepdim=True)
+        return {"usage": usage, "restarted": float(n)}
+
+
+class VQVAE(nn.Module):
+    """Multi-scale residual VQVAE (defaults = the release `vae_ch160v4096z32`: 256 px -> 16x16 x 32 latent).
+
+    Images are [B, 3, H, W] in [-1, 1] with H = W = patch_nums[-1] * 2^(len(ch_mult) - 1).
+    """
+
+    def __init__(self, vocab_size: int = 4096, z_channels: int = 32, ch: int = 160, ch_mult=(1, 1, 2, 2, 4),
+                 num_res_blocks: int = 2, patch_nums=RELEASE_PATCH_NUMS, beta: float = 0.25,
+                 quant_resi: float = 0.5, share_quant_resi: int = 4, dead_code_frac: float = 0.01):
+        super().__init__()
+        pns = _check_patch_nums(patch_nums)
+        widths = [ch] + [ch * m for m in ch_mult]
+        if any(w % 32 for w in widths):  # GroupNorm(32, C) needs C divisible by 32
+            raise ValueError(f"VQVAE: every width ch*ch_mult[i] must be a multiple of 32 (GroupNorm(32)); "
+                             f"got ch={ch}, ch_mult={list(ch_mult)} -> widths {widths}")
+        if share_quant_resi < 2:
+            raise ValueError(f"VQVAE: share_quant_resi must be >= 2 (partially shared phi), got {share_quant_resi}")
+        self.config = dict(vocab_size=vocab_size, z_channels=z_channels, ch=ch, ch_mult=list(ch_mult),
+                           num_res_blocks=num_res_blocks, patch_nums=list(pns), beta=beta, quant_resi=quant_resi,
+                           share_quant_resi=share_quant_resi, dead_code_frac=dead_code_frac)
+        self.patch_nums, self.z_channels = pns, z_channels
+        self.downsample = 2 ** (len(ch_mult) - 1)
+        self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels)
+        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels)
+        self.quantize = MultiScaleQuantizer(vocab_size, z_channels, pns, beta, quant_resi, share_quant_resi,
+                                            dead_code_frac)
+        self.quant_conv = nn.Conv2d(z_channels, z_channels, 3, padding=1)
+        self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 3, padding=1)
+
+    def codebook(self) -> torch.Tensor:
+        """[V, Cvae] raw code vectors: the token embedding space DD1 / DD2 work in."""
+        return self.quantize.embedding.weight.detach()
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> f [B, Cvae, pn_K, pn_K], checking that the latent matches patch_nums[-1]."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"VQVAE: expected images [B, 3, H, W], got {tuple(images.shape)}")
+        f = self.quant_conv(self.encoder(images))
+        pn = self.patch_nums[-1]
+        if f.shape[-2:] != (pn, pn):
+            raise ValueError(f"VQVAE: {tuple(images.shape[-2:])} images give a {tuple(f.shape[-2:])} latent "
+                             f"(downsample {self.downsample} from ch_mult {self.config['ch_mult']}), but "
+                             f"patch_nums[-1] = {pn}: use {pn * self.downsample}x{pn * self.downsample} images")
+        return f
+
+    @torch.no_grad()
+    def encode_scales(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """[B, 3, H, W] in [-1, 1] -> token maps, one LongTensor [B, pn*pn] (raster order) per scale."""
+        return self.quantize(self._features(images))[1]
+
+    def next_scale_input(self, si: int, f_hat: torch.Tensor, h: torch.Tensor):
+        """One step of the next-scale recursion: add scale si's code map h [B, Cvae, pn_si, pn_si] to
+        f_hat [B, Cvae, pn_K, pn_K]. Returns (f_hat, VAR's input for scale si+1 [B, Cvae, pn_si+1, pn_si+1]);
+        at the last scale the second item is f_hat itself."""
+        K = self.patch_nums[-1]
+        if si != len(self.patch_nums) - 1:
+            f_hat = f_hat + self.quantize.quant_resi(F.interpolate(h, size=(K, K), mode="bicubic"), si)
+            pn = self.patch_nums[si + 1]
+            return f_hat, F.interpolate(f_hat, size=(pn, pn), mode="area")
+        f_hat = f_hat + self.quantize.quant_resi(h, si)
+        return f_hat, f_hat
+
+    def _check_scales(self, xs: list[torch.Tensor]) -> None:
+        want = [pn * pn for pn in self.patch_nums]
+        if len(xs) != len(want) or [x.shape[1] for x in xs] != want:
+            raise ValueError(f"VQVAE: expected one [B, pn*pn, ...] tensor per scale with pn*pn = {want}, got "
+                             f"{[tuple(x.shape) for x in xs]}")
+
+    def _accumulate(self, h_list: list[torch.Tensor], n: int):
+        """Run the recursion over the first n scales of h_list: -> (f_hat, VAR's inputs [B, pn*pn, Cvae] for
+        scales 2..n+1)."""
+        self._check_scales(h_list)
+        K = self.patch_nums[-1]
+        f_hat, nexts = h_list[0].new_zeros(h_list[0].shape[0], self.z_channels, K, K), []
+        for si, pn in enumerate(self.patch_nums[:n]):
+            f_hat, nxt = self.next_scale_input(si, f_hat, _to_map(h_list[si], pn))
+            nexts.append(nxt.flatten(2).transpose(1, 2))
+        return f_hat, nexts
+
+    def teacher_forcing_input_from_embeddings(self, h_list: list[torch.Tensor]) -> torch.Tensor:
+        """Per-scale code vectors [B, pn*pn, Cvae] -> VAR's teacher-forcing input [B, L - 1, Cvae] (the input of
+        scales 2..K; the last scale's vectors are not needed but must be given)."""
+        return torch.cat(self._accumulate(h_list, len(self.patch_nums) - 1)[1], 1)
+
+    def teacher_forcing_input(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
+        """Token maps [B, pn*pn] per scale -> VAR's teacher-forcing input [B, L - 1, Cvae]."""
+        return self.teacher_forcing_input_from_embeddings([self.quantize.embedding(i) for i in idx_list])
+
+    def decode_embeddings(self, h_list: list[torch.Tensor]) -> torch.Tensor:
+        """Per-scale code vectors [B, pn*pn, Cvae] (any continuous values) -> images [B, 3, H, W] in [-1, 1]."""
+        f_hat = self._accumulate(h_list, len(self.patch_nums))[0]
+        return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
+
+    def decode_scales(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
+        """Token maps [B, pn*pn] per scale -> images [B, 3, H, W] in [-1, 1]."""
+        return self.decode_embeddings([self.quantize.embedding(i) for i in idx_list])
+
+    def _reconstruct(self, images: torch.Tensor):
+        f_hat, idx_list, vq, z = self.quantize(self._features(images))
+        return self.decoder(self.post_quant_conv(f_hat)), idx_list, vq, z
+
+    def forward(self, images: torch.Tensor):
+        """Training forward: images [B, 3, H, W] -> (reconstruction [B, 3, H, W], not clamped; vq loss)."""
+        rec, _, vq, _ = self._reconstruct(images)
+        return rec, vq
+
+    def loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Training loss on [B, 3, H, W] in [-1, 1]: MSE reconstruction + VAR's multi-scale vq loss (beta 0.25,
+        straight-through). In train mode also updates code usage and restarts dead codes. Returns (loss, parts
+        as floats: loss, rec, vq, and in train mode usage [% codes hit by the batch], restarted)."""
+        rec, idx_list, vq, z = self._reconstruct(images)
+        rec_loss = F.mse_loss(rec, images)
+        loss = rec_loss + vq
+        parts = {"loss": loss.item(), "rec": rec_loss.item(), "vq": vq.item()}
+        if self.training:  # after the forward: the embedding backward needs indices only, not the edited rows
+            parts.update(self.quantize.update_usage(idx_list, z))
+        return loss, parts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VAR transformer
+# ----------------------------------------------------------------------------------------------------------------
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with L2-normalised q, k and a learned per-head temperature (`scale_mul_1H11`).
+
+    [B, L, C] -> [B, L, C]. attn_bias (0 / -inf, [1, 1, L, L]) is used in teacher forcing; while generating
+    the mask is None and a KV cache (plain attributes, never in the state dict) holds the earlier scales.
+    """
+
+    def __init__(self, dim: int, n_head: int, attn_l2_norm: bool):
+        super().__init__()
+        self.n_head, self.head_dim, self.attn_l2_norm = n_head, dim // n_head, attn_l2_norm
+        if attn_l2_norm:
+            self.scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, n_head, 1, 1), 4.0).log())
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))  # k has no bias; kept as a buffer for the keys
+        self.proj = nn.Linear(dim, dim)
+        self.caching, self.kv = False, None
+
+    def forward(self, x, attn_bias):
+        B, L, C = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.n_head, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, hd]
+        if self.attn_l2_norm:
+            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100.0)).exp()
+            k = F.normalize(k, dim=-1)
+        if self.caching:
+            if self.kv is not None:
+                k, v = torch.cat((self.kv[0], k), 2), torch.cat((self.kv[1], v), 2)
+            self.kv = (k, v)
+        mask = None if attn_bias is None else attn_bias.to(q.dtype)  # SDPA wants a mask of q's dtype (autocast)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class FFN(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a sample's residual branch with probability p (training only)."""
+    if p == 0.0 or not training:
+        return x
+    return x * x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - p).div_(1 - p)
+
+
+class AdaLNSelfAttn(nn.Module):
+    """Transformer block whose LayerNorm scale / shift and residual gains come from the class: [B,L,C] -> same."""
+
+    def __init__(self, dim: int, n_head: int, mlp_ratio: float, norm_eps: float, attn_l2_norm: bool,
+                 drop_path: float):
+        super().__init__()
+        self.dim, self.drop_path = dim, drop_path
+        self.attn = SelfAttention(dim, n_head, attn_l2_norm)
+        self.ffn = FFN(dim, round(dim * mlp_ratio))
+        self.ln_wo_grad = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, cond, attn_bias):  # cond: [B, C] class embedding
+        # load-bearing: the release's chunk order is gamma1, gamma2, scale1, scale2, shift1, shift2
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond).view(-1, 1, 6, self.dim).unbind(2)
+        h = self.attn(self.ln_wo_grad(x) * (1 + scale1) + shift1, attn_bias)
+        x = x + _drop_path(h * gamma1, self.drop_path, self.training)
+        h = self.ffn(self.ln_wo_grad(x) * (1 + scale2) + shift2)
+        return x + _drop_path(h * gamma2, self.drop_path, self.training)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, dim: int, norm_eps: float):
+        super().__init__()
+        self.dim = dim
+        self.ln_wo_grad = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, cond):  # [B, L, C], [B, C] -> [B, L, C]
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)
+        return self.ln_wo_grad(x) * (1 + scale) + shift
+
+
+class VAR(nn.Module):
+    """Class-conditional next-scale transformer (defaults = VAR-d16 at 256 px; embed_dim None -> 64 * depth,
+    num_heads None -> depth, as the release). Token t of the length-L sequence belongs to scale lvl_1L[t]."""
+
+    def __init__(self, vocab_size: int = 4096, z_channels: int = 32, num_classes: int = 1000, depth: int = 16,
+                 embed_dim: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0,
+                 norm_eps: float = 1e-6, cond_drop_rate: float = 0.1, attn_l2_norm: bool = True,
+                 drop_path_rate: float = 0.0, patch_nums=RELEASE_PATCH_NUMS):
+        super().__init__()
+        pns = _check_patch_nums(patch_nums)
+        C, H = embed_dim or 64 * depth, num_heads or depth
+        if C % H:
+            raise ValueError(f"VAR: embed_dim {C} is not divisible by num_heads {H}")
+        self.config = dict(vocab_size=vocab_size, z_channels=z_channels, num_classes=num_classes, depth=depth,
+                           embed_dim=C, num_heads=H, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
+                           cond_drop_rate=cond_drop_rate, attn_l2_norm=attn_l2_norm,
+                           drop_path_rate=drop_path_rate, patch_nums=list(pns))
+        self.patch_nums, self.num_classes, self.cond_drop_rate = pns, num_classes, cond_drop_rate
+        self.z_channels, self.vocab_size, self.C = z_channels, vocab_size, C
+        self.L, self.first_l = sum(p * p for p in pns), pns[0] ** 2
+        self.ends = np.cumsum([p * p for p in pns]).tolist()  # end of each scale in the sequence
+
+        self.word_embed = nn.Linear(z_channels, C)
+        self.class_emb = nn.Embedding(num_classes + 1, C)  # row num_classes: the null class of CFG
+        self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, C))
+        self.pos_1LC = nn.Parameter(torch.zeros(1, self.L, C))  # learned absolute positions
+        self.lvl_embed = nn.Embedding(len(pns), C)
+        dpr = np.linspace(0, drop_path_rate, depth).tolist()  # numpy: also works on the meta device
+        self.blocks = nn.ModuleList([AdaLNSelfAttn(C, H, mlp_ratio, norm_eps, attn_l2_norm, dpr[i])
+                                     for i in range(depth)])
+        lvl = torch.cat([torch.full((p * p,), i) for i, p in enumerate(pns)])  # [L] scale of each token
+        self.register_buffer("lvl_1L", lvl.view(1, self.L))
+        # Block-causal mask: a token sees its own scale and all coarser ones (release key, saved in checkpoints).
+        mask = torch.where(lvl[:, None] >= lvl[None, :], 0.0, -torch.inf)
+        self.register_buffer("attn_bias_for_masking", mask.view(1, 1, self.L, self.L))
+        self.head_nm = AdaLNBeforeHead(C, norm_eps)
+        self.head = nn.Linear(C, vocab_size)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
+                     init_std: float = -1.0) -> None:
+        """The release's recipe (build_vae_var defaults): truncated normal std sqrt(1/(3C)) for linears,
+        embeddings and positions; head x init_head; AdaLN scale/shift rows x init_adaln, gain rows x
+        init_adaln_gamma (blocks start close to identity); residual projections / sqrt(2 depth)."""
+        auto_std = (1 / self.C / 3) ** 0.5
+        std = auto_std if init_std < 0 else init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        nn.init.trunc_normal_(self.pos_start, std=auto_std)
+        nn.init.trunc_normal_(self.pos_1LC, std=auto_std)
+        self.head.weight.mul_(init_head)
+        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+        depth = len(self.blocks)
+        for b in self.blocks:
+            b.attn.proj.weight.div_(math.sqrt(2 * depth))
+            b.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+            b.ada_lin[-1].weight[2 * self.C:].mul_(init_adaln)
+            b.ada_lin[-1].weight[:2 * self.C].mul_(init_adaln_gamma)
+            if b.attn.attn_l2_norm:
+                b.attn.scale_mul_1H11.fill_(math.log(4.0))
+            b.attn.q_bias.zero_()
+            b.attn.v_bias.zero_()
+
+    def _head(self, x, cond):  # [B, l, C] -> logits [B, l, V], fp32
+        return self.head(self.head_nm(x.float(), cond).float()).float()
+
+    def _forward(self, x_in: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if x_in.dim() != 3 or x_in.shape[1:] != (self.L - 1, self.z_channels) or labels.shape != x_in.shape[:1]:
+            raise ValueError(f"VAR: expected x_in [B, {self.L - 1}, {self.z_channels}] and labels [B], got "
+                             f"{tuple(x_in.shape)} and {tuple(labels.shape)}")
+        B = x_in.shape[0]
+        cond = self.class_emb(labels)  # [B, C]
+        sos = cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
+        x = torch.cat((sos, self.word_embed(x_in.float())), 1)
+        x = x + (self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC)  # [B, L, C]
+        for block in self.blocks:
+            x = block(x, cond, self.attn_bias_for_masking)
+        return self._head(x, cond)
+
+    def logits(self, x_in: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B, L, V] from x_in [B, L - 1, Cvae] (`VQVAE.teacher_forcing_input`) and labels
+        [B]; logits[:, t] predicts token t. Never drops labels; labels == num_classes is the null class."""
+        return self._forward(x_in, labels)
+
+    def cfg_ramp(self, cfg: float) -> torch.Tensor:
+        """Per-token guidance r [1, L, 1]: r = cfg * si / (SN - 1) for a token of scale si (0 at the first)."""
+        SN = len(self.patch_nums)
+        r = torch.tensor([cfg * (si / (SN - 1)) for si in range(SN)], device=self.lvl_1L.device)
+        return r[self.lvl_1L].unsqueeze(-1)
+
+    def cfg_logits(self, x_in: torch.Tensor, labels: torch.Tensor, cfg: float) -> torch.Tensor:
+        """Guided teacher-forced logits [B, L, V] = (1 + r) c - r u with VAR's linear ramp r (`cfg_ramp`)."""
+        B = labels.shape[0]
+        both = self._forward(torch.cat((x_in, x_in)), torch.cat((labels, torch.full_like(labels, self.num_classes))))
+        r = self.cfg_ramp(cfg)
+        return (1 + r) * both[:B] - r * both[B:]
+
+    def loss(self, idx_list: list[torch.Tensor], labels: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+        """Training loss: mean cross-entropy over all L tokens of idx_list ([B, pn*pn] per scale) given x_in =
+        `vae.teacher_forcing_input(idx_list)` [B, L - 1, Cvae]. In train mode each label becomes the null class
+        with probability cond_drop_rate (CFG training), and drop path is active."""
+        if self.training:
+            drop = torch.rand(labels.shape, device=labels.device) < self.cond_drop_rate
+            labels = torch.where(drop, self.num_classes, labels)
+        logits = self._forward(x_in, labels)
+        return F.cross_entropy(logits.flatten(0, 1), torch.cat(idx_list, 1).flatten())
+
+    def _set_kv_cache(self, on: bool) -> None:
+        for b in self.blocks:
+            b.attn.caching, b.attn.kv = on, None
+
+    @torch.no_grad()
+    def generate(self, vae: VQVAE, labels: torch.Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+                 generator: torch.Generator | None = None, sample_fn=None, return_logits: bool = False):
+        """KV-cached next-scale sampling for labels [B] (upstream autoregressive_infer_cfg). Returns one
+        LongTensor [B, pn*pn] per scale; decode with `vae.decode_scales`.
+
+        The batch is doubled with the null class; scale si uses (1 + r) c - r u, r = cfg * si / (SN - 1); the
+        logits are filtered (`filter_logits`; top_k=0, top_p=0 mean off; no temperature) and sampled with
+        `generator`. `sample_fn(logits [B, pn*pn, V], si) -> LongTensor [B, pn*pn]`, when given, replaces
+        sampling and receives those filtered logits (removed entries -inf). With return_logits, also returns the
+        guided, unfiltered logits [B, pn*pn, V] of every scale.
+        """
+        if (list(vae.patch_nums), vae.z_channels, vae.config["vocab_size"]) != \
+                (list(self.patch_nums), self.z_channels, self.vocab_size):
+            raise ValueError(f"VAR.generate: the VQVAE (patch_nums {list(vae.patch_nums)}, Cvae {vae.z_channels},"
+                             f" V {vae.config['vocab_size']}) does not match this VAR ({self.config})")
+        B, SN, K = labels.shape[0], len(self.patch_nums), self.patch_nums[-1]
+        cond = self.class_emb(torch.cat((labels, torch.full_like(labels, self.num_classes))))  # [2B, C]
+        lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC  # [1, L, C]
+        x = cond.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start.expand(2 * B, -1, -1) \
+            + lvl_pos[:, :self.first_l]
+        f_hat = cond.new_zeros(B, self.z_channels, K, K)
+        idx_list, logits_list = [], []
+        self._set_kv_cache(True)
+        try:
+            for si, pn in enumerate(self.patch_nums):
+                for block in self.blocks:
+                    x = block(x, cond, None)
+                logits = self._head(x, cond)  # [2B, pn*pn, V]
+                r = cfg * (si / (SN - 1))
+                logits = (1 + r) * logits[:B] - r * logits[B:]
+                if return_logits:
+                    logits_list.append(logits)
+                logits = filter_logits(logits, top_k, top_p)
+                if sample_fn is not None:
+                    idx = sample_fn(logits, si)
+                else:
+                    probs = logits.softmax(-1).view(-1, self.vocab_size)
+                    idx = torch.multinomial(probs, 1, replacement=True, generator=generator).view(B, pn * pn)
+                idx_list.append(idx)
+                f_hat, nxt = vae.next_scale_input(si, f_hat, _to_map(vae.quantize.embedding(idx), pn))
+                if si != SN - 1:
+                    x = self.word_embed(nxt.flatten(2).transpose(1, 2)) + lvl_pos[:, self.ends[si]:self.ends[si + 1]]
+                    x = x.repeat(2, 1, 1)  # conditional and null halves see the same tokens
+        finally:
+            self._set_kv_cache(False)
+        return (idx_list, logits_list) if return_logits else idx_list
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """VAR's top-k then top-p filtering over the last dim [..., V]; removed entries become -inf.
+
+    top-k keeps logits >= the k-th largest. top-p sorts ascending and removes the entries whose cumulative
+    probability is <= 1 - top_p; the most likely token is always kept. top_k=0 and top_p=0 disable them
+    (note: LlamaGen disables top-p with 1.0). Returns a new tensor.
+    """
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values.amin(-1, keepdim=True)
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, order = logits.sort(dim=-1)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        remove[..., -1] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), -torch.inf)
+    return logits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint loading (raw state dicts as released, .safetensors, or {"model": ..., "config": ...})
+# ----------------------------------------------------------------------------------------------------------------
+
+def _read(path, trusted: bool) -> tuple[dict, dict]:
+    """-> (state dict, config stored beside it or {})."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except Exception as e:
+        if "Weights only load failed" in str(e):
+            raise ValueError(f"{path}: the file holds Python objects besides tensors; pass trusted=True only if "
+                             f"you trust its source") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path}: cannot read checkpoint (truncated or corrupt file?): "
+                         f"{type(e).__name__}: {first}") from e
+    config = {}
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # our own {"model", "config"} checkpoints
+        config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path}: expected a raw state dict (name -> tensor) as released, got {keys}")
+    return obj, config
+
+
+def _load_strict(model: nn.Module, sd: dict, path) -> nn.Module:
+    """Copy sd into model (built on the meta device) only if keys and shapes match exactly; else list them all."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shaped = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
+    if missing or unexpected or shaped:
+        def show(xs):
+            return f"{len(xs)} {xs[:20]}{' ...' if len(xs) > 20 else ''}"
+        raise ValueError(f"{path}: checkpoint does not match {type(model).__name__}({model.config}):\n"
+                         f"  missing: {show(missing)}\n  unexpected: {show(unexpected)}\n  mis-shaped: {show(shaped)}")
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(sd, strict=True)  # every parameter and buffer comes from the file
+    return model.eval()
+
+
+def _need(sd: dict, key: str, path, what: str) -> torch.Size:
+    if key not in sd:
+        raise ValueError(f"{path}: not a {what} state dict: key {key!r} missing (first keys: {sorted(sd)[:8]})")
+    return sd[key].shape
+
+
+def _count(sd: dict, pattern: str) -> int:
+    return len({m.group(1) for k in sd if (m := re.match(pattern, k))})
+
+
+def load_var(path, patch_nums=None, n_head: int | None = None, trusted: bool = False) -> VAR:
+    """Build a VAR from a checkpoint (`var_d*.pth` raw state dict, .safetensors, or {"model", "config"}) with
+    sizes inferred from shapes, and load it strictly (buffers included). Returns the model on CPU, eval mode.
+
+    depth from the block keys, width and Cvae from word_embed, vocab from head, num_classes from class_emb rows
+    - 1, heads from scale_mul_1H11 (else depth, as the release). patch_nums and n_head, when given, win over a
+    stored config; patch_nums defaults to the release's.
+    """
+    sd, cfg = _read(path, trusted)
+    C, cvae = _need(sd, "word_embed.weight", path, "VAR")
+    depth = _count(sd, r"blocks\.(\d+)\.")
+    pns = _check_patch_nums(patch_nums or cfg.get("patch_nums") or RELEASE_PATCH_NUMS)
+    L, n_pos = sum(p * p for p in pns), _need(sd, "pos_1LC", path, "VAR")[1]
+    if n_pos != L:
+        raise ValueError(f"{path}: pos_1LC has {n_pos} positions but patch_nums {list(pns)} give L = {L}")
+    sm = sd.get("blocks.0.attn.scale_mul_1H11")
+    cfg = {**cfg, "vocab_size": _need(sd, "head.weight", path, "VAR")[0], "z_channels": cvae,
+           "num_classes": _need(sd, "class_emb.weight", path, "VAR")[0] - 1, "depth": depth, "embed_dim": C,
+           "num_heads": n_head or (sm.shape[1] if sm is not None else cfg.get("num_heads", depth)),
+           "mlp_ratio": _need(sd, "blocks.0.ffn.fc1.weight", path, "VAR")[0] / C,
+           "attn_l2_norm": sm is not None, "patch_nums": list(pns)}
+    with torch.device("meta"):  # no init work: every tensor comes from the file
+        model = VAR(**cfg)
+    return _load_strict(model, sd, path)
+
+
+def load_vae(path, patch_nums=None, trusted: bool = False) -> VQVAE:
+    """Build a VQVAE from a checkpoint (`vae_ch160v4096z32.pth`, .safetensors, or {"model", "config"}),
+    inferring ch, ch_mult, num_res_blocks, vocab size, Cvae and the number of phi convs from shapes; strict
+    load, CPU, eval mode. As upstream, an `ema_vocab_hit_SV` saved for a different number of scales is reset
+    (it is usage statistics, not weights)."""
+    sd, cfg = _read(path, trusted)
+    ch = _need(sd, "encoder.conv_in.weight", path, "VQVAE")[0]
+    n_levels = _count(sd, r"encoder\.down\.(\d+)\.")
+    ch_mult = [_need(sd, f"encoder.down.{i}.block.0.conv1.weight", path, "VQVAE")[0] // ch for i in range(n_levels)]
+    V, cvae = _need(sd, "quantize.embedding.weight", path, "VQVAE")
+    pns = _check_patch_nums(patch_nums or cfg.get("patch_nums") or RELEASE_PATCH_NUMS)
+    cfg = {**cfg, "vocab_size": V, "z_channels": cvae, "ch": ch, "ch_mult": ch_mult,
+           "num_res_blocks": _count(sd, r"encoder\.down\.0\.block\.(\d+)\."), "patch_nums": list(pns),
+           "share_quant_resi": _count(sd, r"quantize\.quant_resi\.qresi_ls\.(\d+)\.")}
+    ema = sd.get("quantize.ema_vocab_hit_SV")
+    if ema is not None and ema.shape[0] != len(pns):
+        sd = {**sd, "quantize.ema_vocab_hit_SV": torch.zeros(len(pns), V)}
+    with torch.device("meta"):
+        model = VQVAE(**cfg)
+    return _load_strict(model, sd, path)

@@ -1,0 +1,90 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from dd import bench, params, teachers
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    fam = teachers.family("llamagen")
+    tok = fam.build_tokenizer(params.parse("train_tokenizer", {"codebook_size": 16, "z_channels": 32}, "llamagen"))
+    cfg = params.parse("train_teacher", {"dim": 16, "n_layer": 1, "n_head": 1}, "llamagen")
+    teacher = fam.build_teacher(cfg, tok, num_classes=3, image_size=32)
+    return fam, tok.eval(), teacher.eval()
+
+
+def test_encode_decode_shapes(tiny):
+    fam, tok, _ = tiny
+    x = torch.randint(0, 256, (5, 1, 32, 32), dtype=torch.uint8)
+    t = fam.encode(tok, x, batch_size=2)
+    assert t.shape == (5, 64) and t.dtype == torch.int64 and t.max() < 16
+    img = fam.decode(tok, t, batch_size=2)
+    assert img.shape == (5, 3, 32, 32) and img.abs().max() <= 1
+    assert torch.equal(fam.codebook(tok), tok.codebook())
+
+
+def test_untrained_teacher_nll_is_log_vocab(tiny):
+    fam, _, teacher = tiny  # zero-initialised head: uniform logits
+    t = torch.randint(0, 16, (4, 64))
+    assert teachers.nll(fam, tiny[1], teacher, t, torch.tensor([0, 1, 2, 3]) % 3, batch_size=3) == pytest.approx(math.log(16), abs=1e-5)
+    assert fam.ar_steps(teacher) == 64
+
+
+def test_sample_is_seeded_and_uses_sampling_params(tiny):
+    fam, tok, teacher = tiny
+    teacher = copy.deepcopy(teacher)
+    torch.nn.init.normal_(teacher.output.weight)  # no ties, so top-1 is one token
+    cfg = params.parse("sample_teacher", {"cfg_scale": 1.5, "top_k": 1}, "llamagen")
+    y = torch.tensor([0, 1, 2])
+    a = fam.sample(tok, teacher, y, cfg, generator=torch.Generator().manual_seed(1), batch_size=2)
+    b = fam.sample(tok, teacher, y, cfg, generator=torch.Generator().manual_seed(2), batch_size=2)
+    assert a.shape == (3, 64) and torch.equal(a, b)  # top_k = 1 is greedy: seed-independent
+
+
+def test_save_load_roundtrip_and_wrong_class(tiny, tmp_path):
+    fam, tok, teacher = tiny
+    teachers.save_model(tmp_path, "train_teacher", "teacher", teacher, n_params=1)
+    again = teachers.load_model(tmp_path, "teacher", fam.Teacher)
+    t, y = torch.randint(0, 16, (2, 64)), torch.tensor([0, 1])
+    assert torch.equal(again.logits(t, y), teacher.logits(t, y))
+    with pytest.raises(ValueError, match="teacher is GPT, expected a VQModel"):
+        teachers.load_model(tmp_path, "teacher", fam.Tokenizer)
+    with pytest.raises(ValueError, match="unknown teacher family 'gpt'"):
+        teachers.family("gpt")
+
+
+def test_bench_reports_positive_figures(tiny):
+    fam, tok, teacher = tiny
+    cfg = params.parse("sample_teacher", {}, "llamagen")
+    out = bench.teacher_speed(fam, tok, teacher, cfg, torch.zeros(4, dtype=torch.long), big_batch=4, device="cpu",
+                              repeats=1)
+    assert out["tokens"]["latency_s"] > 0 and out["end_to_end"]["throughput_img_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_var():
+    torch.manual_seed(0)
+    fam = teachers.family("var")
+    tok = fam.build_tokenizer(params.parse("train_tokenizer", {"vocab_size": 16, "z_channels": 4}, "var"))
+    cfg = params.parse("train_teacher", {"depth": 1, "embed_dim": 16, "num_heads": 2}, "var")
+    return fam, tok.eval(), fam.build_teacher(cfg, tok, num_classes=3, image_size=32).eval()
+
+
+def test_var_family_roundtrip(tiny_var):
+    fam, tok, teacher = tiny_var
+    x = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    t = fam.encode(tok, x, batch_size=2)
+    assert t.shape == (3, 1 + 4 + 9 + 16 + 36 + 64) and fam.ar_steps(teacher) == 6
+    assert [p.shape[1] for p in fam.split(tok, t)] == [1, 4, 9, 16, 36, 64]
+    assert fam.decode(tok, t).shape == (3, 3, 32, 32)
+    y = torch.tensor([0, 1, 2])
+    loss = fam.teacher_loss_fn(tok)(teacher, {"tokens": t, "labels": y})
+    nll = teachers.nll(fam, tok, teacher.eval(), t, y)
+    assert math.isfinite(loss.item()) and 0 < nll < 2 * math.log(16)
+    cfg = params.parse("sample_teacher", {"top_k": 4}, "var")
+    s = fam.sample(tok, teacher, y, cfg, generator=torch.Generator().manual_seed(0))
+    assert s.shape == t.shape and s.max() < 16
