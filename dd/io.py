@@ -9,20 +9,30 @@ Paths are anchored at the repository root, never at the working directory: `root
 otherwise the nearest ancestor of the working directory holding `dvc.yaml` (so a notebook behaves the same under
 papermill from the root and under Jupyter started in `notebooks/`).
 
+Checkpoints of the released teachers (LlamaGen training files, VAR raw state dicts, .safetensors, our own
+`{"model", "config"}` files) are read by `read_state_dict` into a clean name -> tensor dict and copied into a
+model by `load_strict`, which refuses any difference in keys or shapes and lists all of them; the modules that
+own the architectures infer their sizes from shapes with `require_key` and `count_indices`.
+
 References:
-    huggingface/safetensors (format); cookiecutter-data-science (immutable hand-offs between stages).
+    huggingface/safetensors (format); cookiecutter-data-science (immutable hand-offs between stages);
+    FoundationVision/LlamaGen `autoregressive/sample/sample_c2i.py` (the "model" / "module" / "state_dict"
+    lookup order of release checkpoints).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
@@ -150,6 +160,95 @@ def load_checkpoint(src: str | Path, map_location="cpu") -> dict:
         raise
     except Exception as e:  # truncated zip, wrong format, pickled classes
         raise ValueError(f"{src}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+
+
+def read_state_dict(path: str | Path, which: str = "model",
+                    trusted: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a model checkpoint -> (state dict name -> tensor, config stored in the file or {}).
+
+    Accepts .safetensors (config from the metadata key "config", JSON), a raw state dict, or a wrapper holding
+    the state dict under "model", "module" or "state_dict" (or under `which` when it is not "model", e.g. "ema")
+    with an optional dict "config" beside it. `module.` / `_orig_mod.` prefixes are stripped; `freqs_cis`,
+    `*.kv_cache.*` and non-tensor entries are dropped. Unless `trusted`, only tensors, plain types and
+    `argparse.Namespace` (official LlamaGen training files) are unpickled. Errors name the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    config = {}
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                obj = {k: f.get_tensor(k) for k in f.keys()}
+                config = json.loads((f.metadata() or {}).get("config", "{}"))
+        elif trusted:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            # Official training files store their argparse.Namespace under "args": plain data, safe to rebuild.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "Weights only load failed" in str(e):
+            raise ValueError(f"{path}: the file holds Python objects besides tensors; pass trusted=True only "
+                             f"if you trust its source") from None
+        raise ValueError(f"{path}: cannot read checkpoint (truncated or corrupt file?): {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if which != "model":
+            raise ValueError(f"{path}: a raw state dict has no {which!r} entry; use which='model'")
+    else:  # a wrapper around state dicts
+        if isinstance(obj.get("config"), dict):
+            config = obj["config"]
+        keys = [which] if which != "model" else ["model", "module", "state_dict"]  # LlamaGen sampler order
+        found = next((k for k in keys if isinstance(obj.get(k), dict)), None)
+        if found is None:
+            raise ValueError(f"{path}: no {which!r} state dict in checkpoint (top-level keys: {sorted(obj)})")
+        obj = obj[found]
+    sd = {}
+    for k, v in obj.items():
+        while k.startswith(_PREFIXES):
+            k = k.split(".", 1)[1]
+        if k == "freqs_cis" or ".kv_cache." in k or not isinstance(v, torch.Tensor):
+            continue  # sampling-time state that upstream sometimes saved
+        sd[k] = v
+    return sd, config
+
+
+def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> nn.Module:
+    """Copy `state_dict` into `model` only if keys and shapes match exactly, else list every missing, unexpected
+    and mis-shaped key. A model built on the meta device is materialised on CPU first. Returns it in eval mode."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+    shaped = sorted(f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(state_dict) & set(own) if state_dict[k].shape != own[k].shape)
+    if missing or unexpected or shaped:
+        def show(xs):
+            return f"{len(xs)} {xs[:20]}{' ...' if len(xs) > 20 else ''}"
+
+        raise ValueError(f"{path}: checkpoint does not match {type(model).__name__}({getattr(model, 'config', '')}):"
+                         f"\n  missing: {show(missing)}\n  unexpected: {show(unexpected)}\n"
+                         f"  mis-shaped: {show(shaped)}")
+    if any(t.is_meta for t in own.values()):
+        model = model.to_empty(device="cpu")  # built on meta to skip the random init; every tensor comes from the file
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def require_key(sd: dict[str, torch.Tensor], key: str, path: str | Path, what: str) -> torch.Size:
+    """The shape of `sd[key]`; a missing key means the file is not a `what` checkpoint (the error says so)."""
+    if key not in sd:
+        raise ValueError(f"{path}: not a {what} checkpoint: key {key!r} missing (first keys: {sorted(sd)[:8]})")
+    return sd[key].shape
+
+
+def count_indices(sd: dict[str, torch.Tensor], pattern: str) -> int:
+    """How many distinct values the first group of `pattern` takes over the keys (layers from `layers.<i>.`)."""
+    return len({m.group(1) for k in sd if (m := re.match(pattern, k))})
 
 
 def resolve_device(name: str) -> torch.device:

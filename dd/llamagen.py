@@ -20,15 +20,13 @@ References:
 """
 from __future__ import annotations
 
-import argparse
-import json
-import re
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+
+from . import io
 
 # ----------------------------------------------------------------------------------------------------------------
 # VQ tokenizer
@@ -543,84 +541,6 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 # ----------------------------------------------------------------------------------------------------------------
 
 _RELEASE_HEADS = {c["dim"]: c["n_head"] for c in GPT_CONFIGS.values()}  # GPT-3B has head_dim 100, not 64
-_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _read_checkpoint(path, which: str, trusted: bool) -> tuple[dict, dict]:
-    """-> (state dict with prefixes and non-weight entries removed, config stored in the file or {})."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    config = {}
-    try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                obj = {k: f.get_tensor(k) for k in f.keys()}
-                config = json.loads((f.metadata() or {}).get("config", "{}"))
-        elif trusted:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            # Official training files store their argparse.Namespace under "args": plain data, safe to rebuild.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "Weights only load failed" in str(e):
-            raise ValueError(f"{path}: the file holds Python objects besides tensors; pass trusted=True only "
-                             f"if you trust its source") from None
-        raise ValueError(f"{path}: cannot read checkpoint (truncated or corrupt file?): {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
-    if all(isinstance(v, torch.Tensor) for v in obj.values()):
-        if which != "model":
-            raise ValueError(f"{path}: a raw state dict has no {which!r} entry; use which='model'")
-    else:  # a wrapper around state dicts
-        if isinstance(obj.get("config"), dict):  # our own {"model": ..., "config": ...} checkpoints
-            config = obj["config"]
-        keys = [which] if which != "model" else ["model", "module", "state_dict"]  # official sampler order
-        found = next((k for k in keys if isinstance(obj.get(k), dict)), None)
-        if found is None:
-            raise ValueError(f"{path}: no {which!r} state dict in checkpoint (top-level keys: {sorted(obj)})")
-        obj = obj[found]
-    sd = {}
-    for k, v in obj.items():
-        while k.startswith(_PREFIXES):
-            k = k.split(".", 1)[1]
-        if k == "freqs_cis" or ".kv_cache." in k or not isinstance(v, torch.Tensor):
-            continue  # sampling-time state that upstream sometimes saved
-        sd[k] = v
-    return sd, config
-
-
-def _load_strict(model: nn.Module, sd: dict, path) -> nn.Module:
-    """Load sd into model only if keys and shapes match exactly; otherwise list every difference."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shaped = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
-    if missing or unexpected or shaped:
-        def show(xs):
-            return f"{len(xs)} {xs[:20]}{' ...' if len(xs) > 20 else ''}"
-
-        raise ValueError(f"{path}: checkpoint does not match {type(model).__name__}({model.config}):\n"
-                         f"  missing: {show(missing)}\n  unexpected: {show(unexpected)}\n"
-                         f"  mis-shaped: {show(shaped)}")
-    if any(p.is_meta for p in model.parameters()):
-        model = model.to_empty(device="cpu")  # built on meta to skip the random init; every tensor comes from sd
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
-
-
-def _shape(sd: dict, key: str, path) -> torch.Size:
-    if key not in sd:
-        raise ValueError(f"{path}: not a LlamaGen checkpoint of this kind: key {key!r} missing "
-                         f"(first keys: {sorted(sd)[:8]})")
-    return sd[key].shape
-
-
-def _count(sd: dict, pattern: str) -> int:
-    return len({m.group(1) for k in sd if (m := re.match(pattern, k))})
 
 
 def load_gpt(path, grid_size: int | None = None, n_head: int | None = None, which: str = "model",
@@ -633,29 +553,31 @@ def load_gpt(path, grid_size: int | None = None, n_head: int | None = None, whic
     arguments, else from a config stored in the file, else 16 and the release head count (dim // 64, 32 for
     GPT-3B's dim 3200).
     """
-    sd, cfg = _read_checkpoint(path, which, trusted)
-    vocab, dim = _shape(sd, "tok_embeddings.weight", path)
+    sd, cfg = io.read_state_dict(path, which, trusted)
+    need = partial(io.require_key, sd, path=path, what="LlamaGen GPT")
+    vocab, dim = need("tok_embeddings.weight")
     cfg = {**cfg, "vocab_size": vocab, "dim": dim,
-           "num_classes": _shape(sd, "cls_embedding.embedding_table.weight", path)[0] - 1,
-           "n_layer": _count(sd, r"layers\.(\d+)\."),
-           "ffn_hidden": _shape(sd, "layers.0.feed_forward.w1.weight", path)[0]}
+           "num_classes": need("cls_embedding.embedding_table.weight")[0] - 1,
+           "n_layer": io.count_indices(sd, r"layers\.(\d+)\."),
+           "ffn_hidden": need("layers.0.feed_forward.w1.weight")[0]}
     cfg["grid_size"] = grid_size or cfg.get("grid_size", 16)
     cfg["n_head"] = n_head or cfg.get("n_head") or _RELEASE_HEADS.get(dim, dim // 64)
     with torch.device("meta"):  # a GPT has no buffers, so nothing is left uninitialised by to_empty
         model = GPT(**cfg)
-    return _load_strict(model, sd, path)
+    return io.load_strict(model, sd, path)
 
 
 def load_vq(path, which: str = "model", trusted: bool = False) -> VQModel:
     """Build a VQModel from a checkpoint (same formats as `load_gpt`), inferring in_channels, ch, ch_mult,
     num_res_blocks, z_channels and the codebook size and dim from shapes; strict load, eval mode, CPU."""
-    sd, cfg = _read_checkpoint(path, which, trusted)
-    ch, in_channels = _shape(sd, "encoder.conv_in.weight", path)[:2]
-    n_levels = _count(sd, r"encoder\.conv_blocks\.(\d+)\.")
-    ch_mult = [_shape(sd, f"encoder.conv_blocks.{i}.res.0.conv1.weight", path)[0] // ch for i in range(n_levels)]
-    size, dim = _shape(sd, "quantize.embedding.weight", path)
+    sd, cfg = io.read_state_dict(path, which, trusted)
+    need = partial(io.require_key, sd, path=path, what="LlamaGen VQ")
+    ch, in_channels = need("encoder.conv_in.weight")[:2]
+    n_levels = io.count_indices(sd, r"encoder\.conv_blocks\.(\d+)\.")
+    ch_mult = [need(f"encoder.conv_blocks.{i}.res.0.conv1.weight")[0] // ch for i in range(n_levels)]
+    size, dim = need("quantize.embedding.weight")
     cfg = {**cfg, "in_channels": in_channels, "ch": ch, "ch_mult": ch_mult,
-           "num_res_blocks": _count(sd, r"encoder\.conv_blocks\.0\.res\.(\d+)\."),
-           "z_channels": _shape(sd, "encoder.conv_out.weight", path)[0], "codebook_size": size,
+           "num_res_blocks": io.count_indices(sd, r"encoder\.conv_blocks\.0\.res\.(\d+)\."),
+           "z_channels": need("encoder.conv_out.weight")[0], "codebook_size": size,
            "codebook_embed_dim": dim}
-    return _load_strict(VQModel(**cfg), sd, path)
+    return io.load_strict(VQModel(**cfg), sd, path)

@@ -31,15 +31,15 @@ References:
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
+
+from . import io
 
 RELEASE_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 256 px, L = 680
 TINY_PATCH_NUMS = (1, 2, 3, 4, 6, 8)  # 32 px, L = 130
@@ -703,59 +703,6 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
 # Checkpoint loading (raw state dicts as released, .safetensors, or {"model": ..., "config": ...})
 # ----------------------------------------------------------------------------------------------------------------
 
-def _read(path, trusted: bool) -> tuple[dict, dict]:
-    """-> (state dict, config stored beside it or {})."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except Exception as e:
-        if "Weights only load failed" in str(e):
-            raise ValueError(f"{path}: the file holds Python objects besides tensors; pass trusted=True only if "
-                             f"you trust its source") from None
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{path}: cannot read checkpoint (truncated or corrupt file?): "
-                         f"{type(e).__name__}: {first}") from e
-    config = {}
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # our own {"model", "config"} checkpoints
-        config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}: expected a raw state dict (name -> tensor) as released, got {keys}")
-    return obj, config
-
-
-def _load_strict(model: nn.Module, sd: dict, path) -> nn.Module:
-    """Copy sd into model (built on the meta device) only if keys and shapes match exactly; else list them all."""
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shaped = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
-    if missing or unexpected or shaped:
-        def show(xs):
-            return f"{len(xs)} {xs[:20]}{' ...' if len(xs) > 20 else ''}"
-        raise ValueError(f"{path}: checkpoint does not match {type(model).__name__}({model.config}):\n"
-                         f"  missing: {show(missing)}\n  unexpected: {show(unexpected)}\n  mis-shaped: {show(shaped)}")
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(sd, strict=True)  # every parameter and buffer comes from the file
-    return model.eval()
-
-
-def _need(sd: dict, key: str, path, what: str) -> torch.Size:
-    if key not in sd:
-        raise ValueError(f"{path}: not a {what} state dict: key {key!r} missing (first keys: {sorted(sd)[:8]})")
-    return sd[key].shape
-
-
-def _count(sd: dict, pattern: str) -> int:
-    return len({m.group(1) for k in sd if (m := re.match(pattern, k))})
-
-
 def load_var(path, patch_nums=None, n_head: int | None = None, trusted: bool = False) -> VAR:
     """Build a VAR from a checkpoint (`var_d*.pth` raw state dict, .safetensors, or {"model", "config"}) with
     sizes inferred from shapes, and load it strictly (buffers included). Returns the model on CPU, eval mode.
@@ -764,22 +711,23 @@ def load_var(path, patch_nums=None, n_head: int | None = None, trusted: bool = F
     - 1, heads from scale_mul_1H11 (else depth, as the release). patch_nums and n_head, when given, win over a
     stored config; patch_nums defaults to the release's.
     """
-    sd, cfg = _read(path, trusted)
-    C, cvae = _need(sd, "word_embed.weight", path, "VAR")
-    depth = _count(sd, r"blocks\.(\d+)\.")
+    sd, cfg = io.read_state_dict(path, trusted=trusted)
+    need = partial(io.require_key, sd, path=path, what="VAR")
+    C, cvae = need("word_embed.weight")
+    depth = io.count_indices(sd, r"blocks\.(\d+)\.")
     pns = _check_patch_nums(patch_nums or cfg.get("patch_nums") or RELEASE_PATCH_NUMS)
-    L, n_pos = sum(p * p for p in pns), _need(sd, "pos_1LC", path, "VAR")[1]
+    L, n_pos = sum(p * p for p in pns), need("pos_1LC")[1]
     if n_pos != L:
         raise ValueError(f"{path}: pos_1LC has {n_pos} positions but patch_nums {list(pns)} give L = {L}")
     sm = sd.get("blocks.0.attn.scale_mul_1H11")
-    cfg = {**cfg, "vocab_size": _need(sd, "head.weight", path, "VAR")[0], "z_channels": cvae,
-           "num_classes": _need(sd, "class_emb.weight", path, "VAR")[0] - 1, "depth": depth, "embed_dim": C,
+    cfg = {**cfg, "vocab_size": need("head.weight")[0], "z_channels": cvae,
+           "num_classes": need("class_emb.weight")[0] - 1, "depth": depth, "embed_dim": C,
            "num_heads": n_head or (sm.shape[1] if sm is not None else cfg.get("num_heads", depth)),
-           "mlp_ratio": _need(sd, "blocks.0.ffn.fc1.weight", path, "VAR")[0] / C,
+           "mlp_ratio": need("blocks.0.ffn.fc1.weight")[0] / C,
            "attn_l2_norm": sm is not None, "patch_nums": list(pns)}
     with torch.device("meta"):  # no init work: every tensor comes from the file
         model = VAR(**cfg)
-    return _load_strict(model, sd, path)
+    return io.load_strict(model, sd, path)
 
 
 def load_vae(path, patch_nums=None, trusted: bool = False) -> VQVAE:
@@ -787,18 +735,19 @@ def load_vae(path, patch_nums=None, trusted: bool = False) -> VQVAE:
     inferring ch, ch_mult, num_res_blocks, vocab size, Cvae and the number of phi convs from shapes; strict
     load, CPU, eval mode. As upstream, an `ema_vocab_hit_SV` saved for a different number of scales is reset
     (it is usage statistics, not weights)."""
-    sd, cfg = _read(path, trusted)
-    ch = _need(sd, "encoder.conv_in.weight", path, "VQVAE")[0]
-    n_levels = _count(sd, r"encoder\.down\.(\d+)\.")
-    ch_mult = [_need(sd, f"encoder.down.{i}.block.0.conv1.weight", path, "VQVAE")[0] // ch for i in range(n_levels)]
-    V, cvae = _need(sd, "quantize.embedding.weight", path, "VQVAE")
+    sd, cfg = io.read_state_dict(path, trusted=trusted)
+    need = partial(io.require_key, sd, path=path, what="VQVAE")
+    ch = need("encoder.conv_in.weight")[0]
+    n_levels = io.count_indices(sd, r"encoder\.down\.(\d+)\.")
+    ch_mult = [need(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(n_levels)]
+    V, cvae = need("quantize.embedding.weight")
     pns = _check_patch_nums(patch_nums or cfg.get("patch_nums") or RELEASE_PATCH_NUMS)
     cfg = {**cfg, "vocab_size": V, "z_channels": cvae, "ch": ch, "ch_mult": ch_mult,
-           "num_res_blocks": _count(sd, r"encoder\.down\.0\.block\.(\d+)\."), "patch_nums": list(pns),
-           "share_quant_resi": _count(sd, r"quantize\.quant_resi\.qresi_ls\.(\d+)\.")}
+           "num_res_blocks": io.count_indices(sd, r"encoder\.down\.0\.block\.(\d+)\."), "patch_nums": list(pns),
+           "share_quant_resi": io.count_indices(sd, r"quantize\.quant_resi\.qresi_ls\.(\d+)\.")}
     ema = sd.get("quantize.ema_vocab_hit_SV")
     if ema is not None and ema.shape[0] != len(pns):
         sd = {**sd, "quantize.ema_vocab_hit_SV": torch.zeros(len(pns), V)}
     with torch.device("meta"):
         model = VQVAE(**cfg)
-    return _load_strict(model, sd, path)
+    return io.load_strict(model, sd, path)

@@ -54,3 +54,25 @@ def test_corrupt_safetensors_and_checkpoint_name_the_file(tmp_path):
 def test_resolve_device():
     assert io.resolve_device("cpu").type == "cpu"
     assert io.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_read_state_dict_unwraps_and_cleans(tmp_path):
+    w = torch.randn(2, 3)
+    torch.save({"module": {"module._orig_mod.lin.weight": w, "freqs_cis": torch.ones(4),
+                           "layers.0.attention.kv_cache.k_cache": torch.ones(1)},
+                "config": {"dim": 3}, "step": 7}, tmp_path / "ck.pt")
+    sd, config = io.read_state_dict(tmp_path / "ck.pt")
+    assert list(sd) == ["lin.weight"] and torch.equal(sd["lin.weight"], w) and config == {"dim": 3}
+    with pytest.raises(ValueError, match="no 'ema' state dict"):
+        io.read_state_dict(tmp_path / "ck.pt", which="ema")
+
+
+def test_load_strict_lists_mis_shaped_keys_and_loads_meta_models(tmp_path):
+    with torch.device("meta"):
+        lin = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"(?s)x\.pt: .*mis-shaped: 1 \['weight: file \(3, 3\) vs model \(2, 3\)'\]"):
+        io.load_strict(lin, {"weight": torch.zeros(3, 3), "bias": torch.zeros(2)}, "x.pt")
+    sd = {"weight": torch.randn(2, 3), "bias": torch.randn(2)}
+    got = io.load_strict(lin.train(), sd, "x.pt")
+    assert not got.training and torch.equal(got.weight, sd["weight"]) and torch.equal(got.bias, sd["bias"])
+    assert io.count_indices({"l.0.a": 0, "l.0.b": 0, "l.3.a": 0, "m.1": 0}, r"l\.(\d+)\.") == 2
