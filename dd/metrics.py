@@ -109,25 +109,27 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
-def _knn_radii(x: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
-    """Distance of each row of x to its k-th nearest other row."""
+def _knn_radii(x: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """Distance of each row of x [N, F] to its k-th nearest other row."""
     radii = []
     for i in range(0, len(x), chunk):
-        d = torch.cdist(x[i: i + chunk], x)
-        radii.append(d.kthvalue(k + 1, dim=1).values)  # +1: the row itself is at distance 0
+        d = torch.cdist(x[i: i + chunk], x, compute_mode="use_mm_for_euclid_dist")
+        radii.append(d.topk(k + 1, dim=1, largest=False).values[:, -1])  # k + 1: the row itself is at distance 0
     return torch.cat(radii)
 
 
-def _inside(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def _inside(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Whether each query row lies in at least one ball (ref row, radius)."""
     hits = []
     for i in range(0, len(query), chunk):
-        hits.append((torch.cdist(query[i: i + chunk], ref) <= radii[None]).any(1))
+        d = torch.cdist(query[i: i + chunk], ref, compute_mode="use_mm_for_euclid_dist")
+        hits.append((d <= radii[None]).any(1))
     return torch.cat(hits)
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
     """k-NN manifold precision and recall of fake features [M, F] against real features [N, F]."""
-    real, fake = real.double(), fake.double()
+    real, fake = real.float(), fake.float()
     precision = _inside(fake, real, _knn_radii(real, k)).double().mean().item()
     recall = _inside(real, fake, _knn_radii(fake, k)).double().mean().item()
     return precision, recall
