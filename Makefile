@@ -7,6 +7,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# dvc stages run `python -m dd.stage ...`: put the venv first on PATH for them.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup data repro test clean-venv
 

@@ -111,3 +111,10 @@ def test_source_notebooks_are_clean_and_thin(nb):
 def test_every_params_section_is_declared_by_a_stage():
     declared = {p.split(".")[0] for _, _, st in CASES for p in st.get("params", [])}
     assert set(PARAMS) <= declared
+
+
+def test_readme_results_are_generated_from_metrics():
+    from dd import report
+
+    readme = (ROOT / "README.md").read_text()
+    assert report.render(readme, ROOT / "reports/metrics") == readme, "README results are stale: python -m dd.report"
