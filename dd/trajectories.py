@@ -1,0 +1,107 @@
+"""Trajectory construction (DD1 §2): the teacher's AR loop with the flow map in place of sampling.
+
+For a label y and a noise sequence E = (eps_1 .. eps_L), eps_i ~ N(0, I_D), the teacher runs its ordinary AR loop
+(KV cache, CFG, top-k / top-p as configured) but every position's token is q_i = flow_map(eps_i, log p_i), the
+deterministic ODE map from Gaussian noise to the teacher's distribution over codebook vectors (`dd.flow`).
+LlamaGen: one position per step; VAR: the pn² positions of a scale in one step, each with its own noise and its own
+distribution. The map (y, E) → q is deterministic, and because the flow preserves marginals, q is distributed
+exactly as an ordinary teacher sample. Only (label, noise, tokens) are stored: the trajectory point after t steps is
+the first positions' code vectors followed by the original noise (`perturb`).
+
+Pairs are written in shards (`pairs_00000.safetensors`, ...) that are each built from their own seeded generator,
+so a shard is the same whichever process builds it: the build resumes shard by shard, and `rank`/`world`
+split the shards across processes.
+
+References:
+    Liu et al., "Distilled Decoding 1" (DD1), arXiv 2412.17153, §3 (noise → data pairs by AR flow matching);
+    microsoft/distilled_decoding `LlamaGen/autoregressive/sample/eval_fewstep.py` (`perturb_data`: re-noising with
+    the original noise).
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import flow, io
+
+SHARD = "pairs_{:05d}.safetensors"
+
+
+def step_ends(teacher) -> list[int]:
+    """Positions generated after each AR step: LlamaGen [1, 2, .., grid²]; VAR cumulative pn² per scale."""
+    if hasattr(teacher, "patch_nums"):
+        return np.cumsum([p * p for p in teacher.patch_nums]).tolist()
+    return list(range(1, teacher.grid_size ** 2 + 1))
+
+
+def perturb(data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ends: list[int]) -> torch.Tensor:
+    """Trajectory point X^t [B, L, D]: the first ends[t-1] positions from `data`, the rest the original `noise`.
+
+    t: LongTensor [B], the number of AR steps already taken (0 = pure noise).
+    """
+    bounds = torch.tensor([0, *ends], device=data.device)[t]  # [B] positions given as data
+    is_data = torch.arange(data.shape[1], device=data.device)[None] < bounds[:, None]  # [B, L]
+    return torch.where(is_data[..., None], data, noise)
+
+
+@torch.no_grad()
+def flow_tokens(fam, tok, teacher, labels: torch.Tensor, noise: torch.Tensor, sampling, n_steps: int,
+                device="cpu") -> torch.Tensor:
+    """Tokens [B, L] of the teacher's AR loop with `flow.flow_map(noise)` replacing sampling at every position."""
+    codebook = fam.codebook(tok).to(device).float()
+    ends = step_ends(teacher)
+    starts = [0, *ends[:-1]]
+    noise = noise.to(device)
+
+    def sample_fn(logits: torch.Tensor, step: int) -> torch.Tensor:  # logits [B, V] or [B, pn², V], filtered
+        eps = noise[:, starts[step]:ends[step]].reshape(-1, noise.shape[-1])
+        logp = logits.float().reshape(-1, logits.shape[-1]).log_softmax(-1)
+        return flow.flow_map(eps, logp, codebook, n_steps).view(logits.shape[:-1])
+
+    return fam.sample(tok, teacher, labels, sampling, batch_size=len(labels), device=device, sample_fn=sample_fn)
+
+
+def build_shard(fam, tok, teacher, sampling, index: int, size: int, num_classes: int, seed: int,
+                n_steps: int, batch_size: int, device="cpu") -> dict[str, torch.Tensor]:
+    """One shard of `size` pairs, a pure function of (seed, index): uniform labels, Gaussian noise, flow tokens."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    dim, length = fam.codebook(tok).shape[1], step_ends(teacher)[-1]
+    labels = torch.randint(num_classes, (size,), generator=g)
+    noise = torch.randn(size, length, dim, generator=g)
+    tokens = torch.cat([flow_tokens(fam, tok, teacher, labels[i:i + batch_size], noise[i:i + batch_size],
+                                    sampling, n_steps, device).cpu() for i in range(0, size, batch_size)])
+    return {"labels": labels, "tokens": tokens, "noise": noise}
+
+
+def build(folder: str | Path, fam, tok, teacher, sampling, n_pairs: int, shard_size: int, num_classes: int,
+          seed: int, n_steps: int, batch_size: int, device="cpu", rank: int = 0, world: int = 1) -> list[Path]:
+    """Write the shards of this rank (index ≡ rank mod world) that are not on disk yet; return this rank's shards."""
+    folder = Path(folder)
+    n_shards = -(-n_pairs // shard_size)
+    mine = list(range(rank, n_shards, world))
+    for k in tqdm(mine, desc=f"pairs (rank {rank})", mininterval=2.0):
+        path = folder / SHARD.format(k)
+        if path.is_file():
+            continue  # resume: each shard is written atomically, so an existing one is complete
+        size = min(shard_size, n_pairs - k * shard_size)
+        io.save_tensors(path, build_shard(fam, tok, teacher, sampling, k, size, num_classes, seed, n_steps,
+                                          batch_size, device))
+    return [folder / SHARD.format(k) for k in mine]
+
+
+def load_pairs(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All shards of a folder, in shard order, concatenated: {"labels" [N], "tokens" [N, L], "noise" [N, L, D]}."""
+    folder = io.path(folder)
+    shards = []
+    for k in itertools.count():
+        if not (folder / SHARD.format(k)).is_file():
+            break
+        shards.append(io.read_checked(folder, SHARD.format(k))[0] if (folder / "meta.json").is_file()
+                      else io.load_tensors(folder / SHARD.format(k)))
+    if not shards:
+        raise FileNotFoundError(f"{folder}: no {SHARD.format(0)} (has build_trajectories run?)")
+    return {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
