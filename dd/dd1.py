@@ -292,7 +292,13 @@ def sample(model: DD1Model, noise: torch.Tensor, labels: torch.Tensor, codebook:
     return tokens, x
 
 
-def _guided_logits(teacher, tok, tokens: torch.Tensor, labels: torch.Tensor, cfg, step: int) -> torch.Tensor:
+def in_batches(fn, noise: torch.Tensor, labels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """fn(noise [b, L, D], labels [b]) → [b, ...] applied in chunks of batch_size and concatenated."""
+    return torch.cat([fn(noise[i:i + batch_size], labels[i:i + batch_size])
+                      for i in range(0, len(labels), batch_size)])
+
+
+def guided_logits(teacher, tok, tokens: torch.Tensor, labels: torch.Tensor, cfg, step: int) -> torch.Tensor:
     """The teacher's filtered sampling logits for AR step `step` given tokens [B, L] (later positions ignored)
     → [B, n_step, V], with the sample_teacher section's guidance / temperature / top-k / top-p semantics."""
     if isinstance(teacher, llamagen.GPT):
@@ -316,7 +322,7 @@ def teacher_steps(teacher, tok, tokens: torch.Tensor, labels: torch.Tensor, star
     bounds = [0, *step_ends(teacher)]
     tokens = tokens.clone()
     for s in range(start, stop):
-        probs = _guided_logits(teacher, tok, tokens, labels, cfg, s).float().softmax(-1)  # [B, n_s, V]
+        probs = guided_logits(teacher, tok, tokens, labels, cfg, s).float().softmax(-1)  # [B, n_s, V]
         draw = torch.multinomial(probs.flatten(0, 1), 1, generator=generator)
         tokens[:, bounds[s]:bounds[s + 1]] = draw.view(tokens.shape[0], -1)
     return tokens

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -103,6 +104,15 @@ def load_tensors(src: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(src))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{src}: not a readable safetensors file ({e})") from None
+
+
+def digest(src: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex): identifies the exact weights a derived artefact was built from."""
+    h = hashlib.sha256()
+    with open(src, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def describe(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:

@@ -109,6 +109,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
+def frechet_between(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """Fréchet distance between the Gaussians fitted to two feature sets [N, F] and [M, F]."""
+    return frechet_distance(*feature_stats(feats_a), *feature_stats(feats_b))
+
+
 def _knn_radii(x: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
     """Distance of each row of x [N, F] to its k-th nearest other row."""
     radii = []

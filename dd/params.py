@@ -166,12 +166,45 @@ class SampleTeacherVar:
     throughput_batch: int = num(256, "batch size of the throughput measurement", lo=1)
 
 
+@dataclass(frozen=True)
+class BuildTrajectories:
+    n_pairs: int = num(10000, "noise -> token pairs to build (labels uniform over classes)", lo=1)
+    shard_size: int = num(1000, "pairs per shard: the unit of resume and of the split across ranks", lo=1)
+    build_batch: int = num(500, "sequences per teacher batch while building", lo=1)
+    flow_steps: int = num(64, "ODE steps of the flow map that replaces sampling (dd.flow.flow_map)", lo=1)
+    n_check: int = num(1000, "pairs decoded for the check against ordinary teacher samples", lo=10)
+    convergence_steps: list = _spec([8, 16, 32, 64, 128], "flow steps compared with a 1024-step solve in the report")
+
+
+@dataclass(frozen=True)
+class TrainDD1:
+    t_train: list = _spec([0, 16], "AR steps t of the training points X^t (0 = pure noise; the 2-step t2 belongs here)",
+                          lo=0)
+    t2: int = num(16, "AR steps given as data in the second step of 2-step and teacher-mixed sampling", lo=1)
+    split: int = num(16, "AR steps read from the logits head (argmax codes); later positions from the continuous head",
+                     lo=0)
+    mixed_start: int = num(8, "teacher-mixed: the teacher redraws AR steps mixed_start .. t2-1", lo=0)
+    cont_loss: str = choice("embed", ("embed", "decoded", "none"),
+                            "continuous-head loss: MSE to the code vectors, pixel MSE through the decoder, or none")
+    cont_weight: float = num(1.0, "weight of the continuous-head loss beside the cross-entropy", lo=0.0)
+    n_steps: int = num(400, "training steps", lo=1)
+    batch_size: int = num(128, "batch size", lo=1)
+    lr: float = num(5e-4, "AdamW learning rate", lo=0.0, lo_open=True, hi=1.0)
+    weight_decay: float = num(0.05, "AdamW weight decay", lo=0.0)
+    warmup_steps: int = num(50, "linear warm-up steps", lo=0)
+    ema_decay: float = num(0.99, "EMA decay of the evaluated weights (0: evaluate the raw weights)", lo=0.0, hi=0.99999)
+    n_eval: int = num(1000, "samples per method for the metrics (the teacher samples' labels)", lo=10)
+    eval_batch: int = num(250, "sampling batch size", lo=1)
+
+
 SECTIONS: dict[str, type | dict] = {
     "base": Base, "prepare": Prepare, "features": Features,
     "teacher": {"llamagen": Teacher, "var": TeacherVar},
     "train_tokenizer": {"llamagen": TrainTokenizerLlamaGen, "var": TrainTokenizerVar},
     "train_teacher": {"llamagen": TrainTeacherLlamaGen, "var": TrainTeacherVar},
     "sample_teacher": {"llamagen": SampleTeacherLlamaGen, "var": SampleTeacherVar},
+    "build_trajectories": {"llamagen": BuildTrajectories, "var": BuildTrajectories},
+    "train_dd1": {"llamagen": TrainDD1, "var": TrainDD1},
 }
 FAMILIES = ("llamagen", "var")
 
@@ -183,9 +216,10 @@ def _describe(f: dataclasses.Field) -> str:
     m = f.metadata
     if m.get("choices"):
         return "choose one of: " + ", ".join(m["choices"])
-    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            list: "a non-empty list of positive integers"}[_type(f)]
     lo, hi = m.get("lo"), m.get("hi")
+    if _type(f) is list:
+        return f"a non-empty list of integers >= {1 if lo is None else lo}"
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[_type(f)]
     if lo is not None and hi is not None:
         return f"{kind} in {'(' if m.get('lo_open') else '['}{lo}, {hi}]"
     if lo is not None:
@@ -205,8 +239,9 @@ def _check(section: str, f: dataclasses.Field, value: Any) -> Any:
             raise bad
         return value
     if t is list:
+        least = 1 if m.get("lo") is None else m["lo"]
         if not isinstance(value, list) or not value or \
-                not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+                not all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in value):
             raise bad
         return list(value)
     if t is int and (isinstance(value, bool) or not isinstance(value, int)):

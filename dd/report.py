@@ -58,7 +58,31 @@ def tables(metrics_dir: Path) -> str:
         out += ["**Teachers** (`sample_teacher`, default sampling settings of `params.yaml`):", "",
                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    out += _dd1_table(metrics_dir)
     return "\n".join(out).strip() + "\n"
+
+
+def _dd1_table(metrics_dir: Path) -> list[str]:
+    rows, fid = [], None
+    for fam in ("llamagen", "var"):
+        pairs, dd1 = _read(metrics_dir, f"build_trajectories_{fam}"), _read(metrics_dir, f"train_dd1_{fam}")
+        if not (pairs and dd1):
+            continue
+        m = dd1["methods"]
+        fid = next(k for k in m["teacher"] if k.startswith("fid_"))
+        mixed = next((k for k in m if k.startswith("dd1 mixed")), None)
+        rows.append([fam, f"{pairs['n_pairs']:,}", f"{pairs['build_seconds'] / 60:.1f}",
+                     f"{dd1['train_seconds'] / 60:.1f}", _fmt(m["teacher"][fid]) + f" ({m['teacher']['steps']})",
+                     _fmt(m["onestep*"][fid]), _fmt(m["dd1 1-step"][fid]), _fmt(m["dd1 2-step"][fid]),
+                     f"{_fmt(m[mixed][fid])} ({m[mixed]['steps']})" if mixed else "–",
+                     f"{m['dd1 1-step']['class_acc']:.1%}", f"{dd1['speedup_tokens_batch1']:.0f}×"])
+    if not rows:
+        return []
+    head = ["family", "pairs", "pairs min", "DD1 train min", f"{fid} teacher (steps)", "onestep*", "DD1 1-step",
+            "DD1 2-step", "teacher-mixed (steps)", "class acc 1-step", "speed-up 1-step (batch 1, tokens)"]
+    return ["", f"**DD1** (`build_trajectories`, `train_dd1`; {fid} of 1,000 samples, same labels for every method):",
+            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
 
 
 def render(readme: str, metrics_dir: Path) -> str:

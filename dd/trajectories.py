@@ -20,6 +20,7 @@ References:
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -78,11 +79,30 @@ def build_shard(fam, tok, teacher, sampling, index: int, size: int, num_classes:
 
 
 def build(folder: str | Path, fam, tok, teacher, sampling, n_pairs: int, shard_size: int, num_classes: int,
-          seed: int, n_steps: int, batch_size: int, device="cpu", rank: int = 0, world: int = 1) -> list[Path]:
-    """Write the shards of this rank (index ≡ rank mod world) that are not on disk yet; return this rank's shards."""
+          seed: int, n_steps: int, batch_size: int, device="cpu", rank: int = 0, world: int = 1,
+          fingerprint: dict | None = None) -> list[Path]:
+    """Write the shards of this rank (index ≡ rank mod world) that are not on disk yet.
+
+    Returns {"shards": this rank's shard paths, "built_pairs": pairs built by this call (0 when all were on disk)}.
+
+    fingerprint: what the shards depend on (settings, teacher checksum); shards left by a build with another
+    fingerprint (`build.json`) are deleted first, so a resumed build never mixes two configurations.
+    """
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = folder / "build.json"
+    if fingerprint is not None:
+        fingerprint = json.loads(json.dumps(fingerprint))  # the form it has once read back
+        if stamp.is_file() and io.read_json(stamp) != fingerprint and rank == 0:
+            stale = sorted(folder.glob("pairs_*.safetensors"))
+            print(f"{folder}: {len(stale)} shards from a build with other settings; deleting them")
+            for f in stale:
+                f.unlink()
+        if rank == 0:
+            io.write_json(stamp, fingerprint)
     n_shards = -(-n_pairs // shard_size)
     mine = list(range(rank, n_shards, world))
+    built = 0
     for k in tqdm(mine, desc=f"pairs (rank {rank})", mininterval=2.0):
         path = folder / SHARD.format(k)
         if path.is_file():
@@ -90,18 +110,22 @@ def build(folder: str | Path, fam, tok, teacher, sampling, n_pairs: int, shard_s
         size = min(shard_size, n_pairs - k * shard_size)
         io.save_tensors(path, build_shard(fam, tok, teacher, sampling, k, size, num_classes, seed, n_steps,
                                           batch_size, device))
-    return [folder / SHARD.format(k) for k in mine]
+        built += size
+    return {"shards": [folder / SHARD.format(k) for k in mine], "built_pairs": built}
 
 
-def load_pairs(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All shards of a folder, in shard order, concatenated: {"labels" [N], "tokens" [N, L], "noise" [N, L, D]}."""
+def load_pairs(folder: str | Path, n_pairs: int | None = None) -> dict[str, torch.Tensor]:
+    """The shards of a folder, in shard order, concatenated: {"labels" [N], "tokens" [N, L], "noise" [N, L, D]};
+    all consecutive shards, or the first n_pairs pairs (an error if fewer are on disk)."""
     folder = io.path(folder)
-    shards = []
+    shards, have = [], 0
     for k in itertools.count():
-        if not (folder / SHARD.format(k)).is_file():
+        if not (folder / SHARD.format(k)).is_file() or (n_pairs is not None and have >= n_pairs):
             break
         shards.append(io.read_checked(folder, SHARD.format(k))[0] if (folder / "meta.json").is_file()
                       else io.load_tensors(folder / SHARD.format(k)))
-    if not shards:
-        raise FileNotFoundError(f"{folder}: no {SHARD.format(0)} (has build_trajectories run?)")
-    return {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
+        have += len(shards[-1]["labels"])
+    if not shards or (n_pairs is not None and have < n_pairs):
+        raise FileNotFoundError(f"{folder}: {have} pairs on disk, {n_pairs or 'some'} needed "
+                                f"(has build_trajectories run? `dvc repro build_trajectories`)")
+    return {key: torch.cat([s[key] for s in shards])[:n_pairs] for key in shards[0]}

@@ -70,3 +70,11 @@ def test_blur_preserves_constants_and_smooths():
     x[..., 4, 4] = 1
     y = metrics.blur(x, 1.0)
     assert y.max() < 0.2 and y.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_frechet_between_is_the_squared_mean_shift_for_equal_covariances():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 6, generator=g, dtype=torch.float64)
+    shift = torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0, 3.0], dtype=torch.float64)
+    assert abs(metrics.frechet_between(a, a + shift) - shift.pow(2).sum().item()) < 1e-6
+    assert abs(metrics.frechet_between(a, a)) < 1e-6

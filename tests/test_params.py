@@ -52,6 +52,10 @@ def test_family_sections_and_lists():
         P.parse("train_tokenizer", {"ch_mult": [1, 0]}, "llamagen")
     with pytest.raises(P.ParamsError, match="train_tokenizer has no family 'gpt'; families: llamagen"):
         P.parse("train_tokenizer", {}, "gpt")
+    assert P.parse("train_dd1", {"t_train": [0, 4]}, "var").t_train == [0, 4]  # AR step 0 (pure noise) allowed
+    with pytest.raises(P.ParamsError, match=r"train_dd1\.var\.t_train = \[0, -1\] is not allowed; a non-empty list "
+                                            r"of integers >= 0"):
+        P.parse("train_dd1", {"t_train": [0, -1]}, "var")
 
 
 def test_pick_reads_a_notebook_namespace():

@@ -25,6 +25,10 @@ TOY = {
                               "warmup_steps": 2}},
     "sample_teacher": {"llamagen": {"n_samples": 20, "batch_size": 20, "latency_repeats": 1, "throughput_batch": 8},
                        "var": {"n_samples": 20, "batch_size": 20, "latency_repeats": 1, "throughput_batch": 8}},
+    "build_trajectories": {fam: {"n_pairs": 40, "shard_size": 16, "build_batch": 20, "flow_steps": 8, "n_check": 20,
+                                 "convergence_steps": [4, 8]} for fam in ("llamagen", "var")},
+    "train_dd1": {fam: {"n_steps": 6, "batch_size": 8, "warmup_steps": 2, "n_eval": 20, "eval_batch": 10}
+                  for fam in ("llamagen", "var")},
 }
 
 
@@ -55,7 +59,8 @@ def toy_repo(tmp_path_factory):
 def test_repro_writes_reports_data_and_metrics(toy_repo):
     tmp, _, _ = toy_repo
     for stage in ("01_prepare", "02_features", *(f"{nb}_{fam}" for fam in ("llamagen", "var") for nb in
-                                                  ("03_train_tokenizer", "04_train_teacher", "05_sample_teacher"))):
+                                                  ("03_train_tokenizer", "04_train_teacher", "05_sample_teacher",
+                                                   "06_build_trajectories", "07_train_dd1"))):
         assert (tmp / f"reports/{stage}.ipynb").stat().st_size > 0
         assert (tmp / f"reports/{stage}.html").stat().st_size > 0
     x, y, meta = __import__("dd.data", fromlist=["x"]).load_split("train", tmp / "data/prepare")
@@ -68,6 +73,13 @@ def test_repro_writes_reports_data_and_metrics(toy_repo):
     for fam, steps in (("llamagen", 64), ("var", 6)):
         s = io.read_json(tmp / f"reports/metrics/sample_teacher_{fam}.json")
         assert s["ar_steps"] == steps and s["latency_s"] > 0 and 0 <= s["class_acc"] <= 1 and s["test_nll_bits"] > 0
+        b = io.read_json(tmp / f"reports/metrics/build_trajectories_{fam}.json")
+        assert b["n_pairs"] == 40 and b["deterministic"] == 1.0 and b["pairs_per_s"] > 0
+        assert len(list((tmp / f"data/build_trajectories/{fam}").glob("pairs_*.safetensors"))) == 3
+        d = io.read_json(tmp / f"reports/metrics/train_dd1_{fam}.json")
+        assert set(d["methods"]) >= {"teacher", "onestep*", "dd1 1-step", "dd1 2-step"}
+        assert d["methods"]["dd1 1-step"]["steps"] == 1 and d["methods"]["teacher"]["steps"] == steps
+        assert d["n_pairs"] == 40 and d["train_seconds"] > 0 and d["speedup_tokens_batch1"] > 0
 
 
 def test_second_repro_is_up_to_date(toy_repo):

@@ -77,3 +77,22 @@ def test_shards_are_rank_independent_and_resume(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trajectories, "build_shard", boom)
     trajectories.build(tmp_path / "one", fam, tok, teacher, sampling, **kw)  # resume: nothing left to do
+
+
+def test_build_drops_shards_of_other_settings_and_load_pairs_counts(tiny, tmp_path, capsys):
+    fam, tok, teacher = tiny
+    sampling = params.parse("sample_teacher", {}, "llamagen")
+    kw = dict(n_pairs=6, shard_size=4, num_classes=2, seed=3, n_steps=8, batch_size=3)
+    first = trajectories.build(tmp_path, fam, tok, teacher, sampling, fingerprint={"flow_steps": 8}, **kw)
+    assert first["built_pairs"] == 6 and [p.name for p in first["shards"]] == ["pairs_00000.safetensors",
+                                                                               "pairs_00001.safetensors"]
+    again = trajectories.build(tmp_path, fam, tok, teacher, sampling, fingerprint={"flow_steps": 8}, **kw)
+    assert again["built_pairs"] == 0  # same settings: resumed, nothing rebuilt
+    old = trajectories.load_pairs(tmp_path)
+    kw["n_steps"] = 2
+    other = trajectories.build(tmp_path, fam, tok, teacher, sampling, fingerprint={"flow_steps": 2}, **kw)
+    assert other["built_pairs"] == 6 and "2 shards from a build with other settings" in capsys.readouterr().out
+    assert torch.equal(trajectories.load_pairs(tmp_path)["noise"], old["noise"])  # same seed, same noise
+    assert len(trajectories.load_pairs(tmp_path, 5)["labels"]) == 5
+    with pytest.raises(FileNotFoundError, match="6 pairs on disk, 7 needed"):
+        trajectories.load_pairs(tmp_path, 7)
