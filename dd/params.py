@@ -197,6 +197,39 @@ class TrainDD1:
     eval_batch: int = num(250, "sampling batch size", lo=1)
 
 
+@dataclass(frozen=True)
+class TrainDD2:
+    n_gts_samples: int = num(4000, "teacher samples (ordinary sampler, sample_teacher settings) the GTS stage fits", lo=10)
+    sample_batch: int = num(250, "batch size of that sampling and of the evaluation samplers", lo=1)
+    mlp_steps: int = num(500, "LlamaGen: full-batch Adam steps fitting the input MLP to the token table", lo=0)
+    adapt_steps: int = num(100, "LlamaGen: KL fine-tuning steps of the continuous-input teacher (0: none)", lo=0)
+    adapt_lr: float = num(2e-4, "LlamaGen: learning rate of that fine-tuning", lo=0.0, lo_open=True, hi=1.0)
+    head_width: int = num(256, "width of the MLP flow head", lo=8)
+    head_depth: int = num(3, "residual AdaLN blocks of the flow head", lo=1)
+    gts_head_steps: int = num(200, "GTS steps training the new head with the backbone frozen", lo=0)
+    gts_full_steps: int = num(100, "GTS steps training everything after that", lo=0)
+    gts_batch: int = num(64, "GTS batch size (teacher sequences)", lo=1)
+    gts_lr: float = num(1e-3, "GTS learning rate of the head-only phase", lo=0.0, lo_open=True, hi=1.0)
+    gts_full_lr: float = num(2e-4, "GTS learning rate of the full phase", lo=0.0, lo_open=True, hi=1.0)
+    n_noise: int = num(4, "(t, eps) draws per sequence in the GTS and FCS losses (shared backbone pass)", lo=1)
+    n_euler: int = num(10, "Euler steps per AR step when sampling the AR-diffusion model (report only)", lo=1)
+    n_steps: int = num(100, "generator (CSD) updates", lo=1)
+    batch_size: int = num(64, "batch size of the generator and guidance updates", lo=1)
+    lr_gen: float = num(1e-4, "Adam learning rate of the generator", lo=0.0, lo_open=True, hi=1.0)
+    lr_guide: float = num(2e-4, "Adam learning rate of the guidance network", lo=0.0, lo_open=True, hi=1.0)
+    warmup_steps: int = num(20, "linear warm-up (generator updates; the guidance network: its own updates)", lo=0)
+    k_guide: int = num(5, "guidance updates per generator update", lo=1)
+    align_at: int = num(0, "generator step of the performance alignment (0: none)", lo=0)
+    align_steps: int = num(0, "guidance-only updates of the alignment", lo=0)
+    k_after: int = num(2, "guidance updates per generator update after the alignment", lo=1)
+    t_min: float = num(0.02, "CSD times t ~ U[t_min, t_max] (t = 0 noise, t = 1 data)", lo=0.0, hi=1.0, lo_open=True)
+    t_max: float = num(0.98, "upper end of the CSD times", lo=0.0, hi=1.0, lo_open=True)
+    ema_max: float = num(0.9999, "cap of the progressive EMA min(ema_max, (i + 1) / (i + 10))", lo=0.0, hi=0.99999)
+    multistep: list = _spec([2], "k of the multi-step samples (the teacher redraws the last k - 1 AR steps)", lo=2)
+    eval_every: int = num(25, "generator steps between probe evaluations (500 one-step samples) of the EMA", lo=1)
+    n_eval: int = num(1000, "samples per method for the metrics (the teacher samples' labels)", lo=10)
+
+
 SECTIONS: dict[str, type | dict] = {
     "base": Base, "prepare": Prepare, "features": Features,
     "teacher": {"llamagen": Teacher, "var": TeacherVar},
@@ -205,6 +238,7 @@ SECTIONS: dict[str, type | dict] = {
     "sample_teacher": {"llamagen": SampleTeacherLlamaGen, "var": SampleTeacherVar},
     "build_trajectories": {"llamagen": BuildTrajectories, "var": BuildTrajectories},
     "train_dd1": {"llamagen": TrainDD1, "var": TrainDD1},
+    "train_dd2": {"llamagen": TrainDD2, "var": TrainDD2},
 }
 FAMILIES = ("llamagen", "var")
 

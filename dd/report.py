@@ -59,6 +59,7 @@ def tables(metrics_dir: Path) -> str:
                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     out += _dd1_table(metrics_dir)
+    out += _dd2_table(metrics_dir)
     return "\n".join(out).strip() + "\n"
 
 
@@ -81,6 +82,30 @@ def _dd1_table(metrics_dir: Path) -> list[str]:
     head = ["family", "pairs", "pairs min", "DD1 train min", f"{fid} teacher (steps)", "onestep*", "DD1 1-step",
             "DD1 2-step", "teacher-mixed (steps)", "class acc 1-step", "speed-up 1-step (batch 1, tokens)"]
     return ["", f"**DD1** (`build_trajectories`, `train_dd1`; {fid} of 1,000 samples, same labels for every method):",
+            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
+
+
+def _dd2_table(metrics_dir: Path) -> list[str]:
+    rows, fid = [], None
+    for fam in ("llamagen", "var"):
+        d = _read(metrics_dir, f"train_dd2_{fam}")
+        if not d:
+            continue
+        m, c = d["methods"], d["cost_seconds"]
+        fid = next(k for k in m["teacher"] if k.startswith("fid_"))
+        multi = [k for k in m if k.startswith("dd2 ") and k != "dd2 1-step"]
+        rows.append([fam, _fmt(m["teacher"][fid]), _fmt(m["dd1 1-step"][fid]),
+                     f"{_fmt(m['ar-diffusion'][fid])} ({m['ar-diffusion']['steps']})", _fmt(m["dd2 1-step"][fid]),
+                     ", ".join(f"{_fmt(m[k][fid])} ({m[k]['steps']})" for k in multi) or "–",
+                     f"{d['gap_closed']:.0%}", f"{m['dd2 1-step']['class_acc']:.1%}",
+                     f"{d['speedup_tokens_batch1']:.0f}×", f"{c['dd2'] / 60:.1f} / {c['dd1'] / 60:.1f}"])
+    if not rows:
+        return []
+    head = ["family", f"{fid} teacher", "DD1 1-step", "AR-diffusion (evals)", "DD2 1-step", "DD2 k-step (steps)",
+            "teacher → DD1 gap closed", "class acc DD2 1-step", "speed-up 1-step (batch 1, tokens)",
+            "train min DD2 / DD1"]
+    return ["", f"**DD2** (`train_dd2`; {fid} of 1,000 samples, same labels as above; DD1's cost = pairs + training):",
             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
             *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
 

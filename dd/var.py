@@ -587,7 +587,9 @@ class VAR(nn.Module):
     def _head(self, x, cond):  # [B, l, C] -> logits [B, l, V], fp32
         return self.head(self.head_nm(x.float(), cond).float()).float()
 
-    def _forward(self, x_in: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x_in: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The features the logits head reads, [B, L, C] fp32 (after `head_nm`): row t depends on the class and on
+        the scales before token t's scale only. DD2's flow head reads them in place of the logits head."""
         if x_in.dim() != 3 or x_in.shape[1:] != (self.L - 1, self.z_channels) or labels.shape != x_in.shape[:1]:
             raise ValueError(f"VAR: expected x_in [B, {self.L - 1}, {self.z_channels}] and labels [B], got "
                              f"{tuple(x_in.shape)} and {tuple(labels.shape)}")
@@ -598,7 +600,10 @@ class VAR(nn.Module):
         x = x + (self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC)  # [B, L, C]
         for block in self.blocks:
             x = block(x, cond, self.attn_bias_for_masking)
-        return self._head(x, cond)
+        return self.head_nm(x.float(), cond).float()
+
+    def _forward(self, x_in: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(x_in, labels)).float()
 
     def logits(self, x_in: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [B, L, V] from x_in [B, L - 1, Cvae] (`VQVAE.teacher_forcing_input`) and labels

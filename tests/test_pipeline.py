@@ -29,6 +29,10 @@ TOY = {
                                  "convergence_steps": [4, 8]} for fam in ("llamagen", "var")},
     "train_dd1": {fam: {"n_steps": 6, "batch_size": 8, "warmup_steps": 2, "n_eval": 20, "eval_batch": 10}
                   for fam in ("llamagen", "var")},
+    "train_dd2": {fam: {"n_gts_samples": 40, "sample_batch": 10, "mlp_steps": 5, "adapt_steps": 2, "head_width": 16,
+                        "head_depth": 1, "gts_head_steps": 3, "gts_full_steps": 2, "gts_batch": 8, "n_noise": 2,
+                        "n_euler": 2, "n_steps": 3, "batch_size": 4, "warmup_steps": 1, "k_guide": 2, "align_at": 2,
+                        "align_steps": 1, "n_eval": 20} for fam in ("llamagen", "var")},
 }
 
 
@@ -60,7 +64,7 @@ def test_repro_writes_reports_data_and_metrics(toy_repo):
     tmp, _, _ = toy_repo
     for stage in ("01_prepare", "02_features", *(f"{nb}_{fam}" for fam in ("llamagen", "var") for nb in
                                                   ("03_train_tokenizer", "04_train_teacher", "05_sample_teacher",
-                                                   "06_build_trajectories", "07_train_dd1"))):
+                                                   "06_build_trajectories", "07_train_dd1", "08_train_dd2"))):
         assert (tmp / f"reports/{stage}.ipynb").stat().st_size > 0
         assert (tmp / f"reports/{stage}.html").stat().st_size > 0
     x, y, meta = __import__("dd.data", fromlist=["x"]).load_split("train", tmp / "data/prepare")
@@ -80,6 +84,11 @@ def test_repro_writes_reports_data_and_metrics(toy_repo):
         assert set(d["methods"]) >= {"teacher", "onestep*", "dd1 1-step", "dd1 2-step"}
         assert d["methods"]["dd1 1-step"]["steps"] == 1 and d["methods"]["teacher"]["steps"] == steps
         assert d["n_pairs"] == 40 and d["train_seconds"] > 0 and d["speedup_tokens_batch1"] > 0
+        d2 = io.read_json(tmp / f"reports/metrics/train_dd2_{fam}.json")
+        assert set(d2["methods"]) == {"teacher", "dd1 1-step", "ar-diffusion", "dd2 1-step", "dd2 2-step"}
+        assert d2["methods"]["dd2 1-step"]["steps"] == 1 and d2["methods"]["dd2 2-step"]["steps"] == 2
+        assert d2["cost_seconds"]["dd2"] > 0 and d2["cost_seconds"]["dd1"] > 0 and d2["speedup_tokens_batch1"] > 0
+        assert (fam == "llamagen") == ("continuous input" in d2["cost_seconds"]["dd2_parts"])
 
 
 def test_second_repro_is_up_to_date(toy_repo):

@@ -1,0 +1,274 @@
+"""Tests for dd.dd2 (DD2: continuous-input teacher, AR-diffusion model, CSD distillation, sampling).
+
+Tiny random teachers of both families check the wiring (copies, causality, the teacher's distribution given
+continuous prefixes, the CSD loss's fixed point, exact resume, the NaN guard); the acceptance test distils the
+enumerable toy LlamaGen teacher of tests/test_dd1.py and compares the one-step generator with onestep*.
+"""
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dd import baselines, dd1, dd2, flow, llamagen, params, train, var
+from test_dd1 import PNS, tiny_gpt, tiny_var
+
+SAMPLING = {"llamagen": params.parse("sample_teacher", {"cfg_scale": 2.0, "top_k": 5}, "llamagen"),
+            "var": params.parse("sample_teacher", {"cfg": 2.0, "top_k": 5}, "var")}
+
+
+class Lookup(nn.Module):
+    """An input 'MLP' that maps each code vector exactly to its row of the token table (nearest code)."""
+
+    def __init__(self, codebook, table):
+        super().__init__()
+        self.codebook, self.table = codebook, table
+
+    def forward(self, x):
+        idx = flow.nearest_code(x.reshape(-1, x.shape[-1]), self.codebook).view(x.shape[:-1])
+        return self.table[idx]
+
+
+def tiny_setup(family, D=4, seed=0):
+    """(tok, discrete teacher, teacher Φ for DD2, codebook [V, D]) of a tiny random teacher."""
+    if family == "llamagen":
+        gpt = tiny_gpt(seed)
+        torch.manual_seed(seed + 1)
+        codebook = torch.randn(gpt.vocab_size, D)
+        phi = dd2.ContinuousGPT.from_teacher(gpt, D).eval()
+        return None, gpt, phi, codebook
+    tok, v = tiny_var(seed)
+    return tok, v, v, tok.codebook().detach()
+
+
+def test_continuous_gpt_reads_codes_like_the_teacher():
+    """With an input map that sends c_v to the token table's row v, the continuous teacher IS the teacher."""
+    tok, gpt, phi, codebook = tiny_setup("llamagen")
+    phi.tok_mlp = Lookup(codebook, gpt.tok_embeddings.weight.detach())
+    tokens, labels = torch.randint(16, (5, 9)), torch.tensor([0, 1, 2, 3, 1])  # 3 = the null class
+    torch.testing.assert_close(phi.logits(codebook[tokens], labels), gpt.logits(tokens, labels))
+    torch.testing.assert_close(phi.cfg_logits(codebook[tokens[:4]], labels[:4], 2.0),
+                               gpt.cfg_logits(tokens[:4], labels[:4], 2.0))
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_teacher_logp_matches_the_samplers_distribution(family):
+    """teacher_logp on code vectors = the filtered, guided logits the ordinary sampler draws from (dd1)."""
+    tok, gpt, phi, codebook = tiny_setup(family)
+    if family == "llamagen":
+        phi.tok_mlp = Lookup(codebook, gpt.tok_embeddings.weight.detach())
+    L = 9 if family == "llamagen" else sum(p * p for p in PNS)
+    tokens, labels = torch.randint(16, (4, L)), torch.tensor([0, 1, 2, 0])
+    got = dd2.teacher_logp(phi, tok, codebook[tokens], labels, SAMPLING[family])
+    ends = [0, *dd1.step_ends(gpt)]
+    for s in range(len(ends) - 1):
+        want = dd1.guided_logits(gpt, tok, tokens, labels, SAMPLING[family], s).log_softmax(-1)
+        assert torch.equal(torch.isinf(got[:, ends[s]:ends[s + 1]]), torch.isinf(want))
+        torch.testing.assert_close(got[:, ends[s]:ends[s + 1]], want)
+
+
+def test_fit_input_mlp_and_kl_adaptation_reduce_the_gap(tmp_path):
+    tok, gpt, phi, codebook = tiny_setup("llamagen")
+    losses = dd2.fit_input_mlp(phi, gpt.tok_embeddings.weight, codebook, n_steps=300, lr=1e-2)
+    assert losses[-1] < 0.05 * losses[0], (losses[0], losses[-1])
+    tokens, labels = torch.randint(16, (64, 9)), torch.randint(3, (64,))
+    kl = dd2.kl_to_teacher(gpt, codebook)
+    before = kl(phi, {"tokens": tokens, "labels": labels})[0].item()
+    train.fit(phi, kl, {"tokens": tokens, "labels": labels},
+              train.FitConfig(n_steps=40, batch_size=32, lr=3e-3, ckpt_every=10 ** 9), tmp_path / "adapt.pt")
+    after = kl(phi, {"tokens": tokens, "labels": labels})[0].item()
+    assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_ardiffusion_copies_the_backbone_and_starts_at_zero_velocity(family):
+    tok, gpt, phi, codebook = tiny_setup(family)
+    model = dd2.ARDiffusion.from_teacher(phi, head_width=32, head_depth=2)
+    skip = "output." if family == "llamagen" else "head."
+    want = {k: v for k, v in phi.state_dict().items() if not k.startswith(skip)}
+    got = {k[len("backbone."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    x, labels = torch.randn(3, model.L, model.D), torch.tensor([0, 1, 2])
+    f = model.features(dd2.seq_input(tok, x), labels)
+    assert f.shape[:2] == (3, model.L)
+    assert torch.equal(model.velocity(x, torch.rand(3, model.L), f), torch.zeros_like(x))
+    copy = dd2.ARDiffusion(**model.config)
+    copy.load_state_dict(model.state_dict(), strict=True)  # rebuilt from its config alone
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_generator_is_causal_in_the_noise(family):
+    """q_i depends on eps_i and the noise of EARLIER AR steps only (Jacobian blocks), and on all of those."""
+    tok, gpt, phi, codebook = tiny_setup(family)
+    gen = dd2.ARDiffusion.from_teacher(phi, head_width=32, head_depth=2)
+    for p in gen.head.parameters():  # a head that is not zero, so the noise reaches the output
+        nn.init.normal_(p, std=0.3)
+    L, D = gen.L, gen.D
+    eps = torch.randn(1, L, D)
+    jac = torch.autograd.functional.jacobian(lambda e: dd2.generate(gen, tok, e, torch.tensor([1])), eps)
+    dep = jac[0, :, :, 0].abs().sum((1, 3)) > 0  # [L out, L in]
+    step = torch.tensor([i for i, (a, b) in enumerate(zip([0, *gen.ends], gen.ends)) for _ in range(a, b)])
+    allowed = (step[None, :] < step[:, None]) | torch.eye(L, dtype=torch.bool)
+    assert not (dep & ~allowed).any()
+    assert dep.diagonal().all() and dep[step >= 1][:, 0].all()  # every later position reads the first noise
+
+
+def test_csd_loss_and_gradient_vanish_when_the_guidance_is_exact():
+    """If ψ's conditional score equals the teacher's, the SiD loss and its gradient are zero; otherwise not."""
+    torch.manual_seed(0)
+    B, L, V, D = 3, 5, 7, 2
+    codebook, logp = torch.randn(V, D), torch.randn(B, L, V).log_softmax(-1)
+
+    class Exact(nn.Module):  # a guidance network whose velocity is the teacher's closed form
+        def __init__(self, lp):
+            super().__init__()
+            self.lp = lp
+
+        def velocity(self, x, t, f):
+            return flow.velocity(x.reshape(-1, D), t.reshape(-1), self.lp.reshape(-1, V), codebook).view(x.shape)
+
+    z = torch.randn(B, L, D, requires_grad=True)
+    loss, _ = dd2.csd_loss(z, logp, Exact(logp), None, codebook)
+    loss.backward()
+    assert abs(loss.item()) < 1e-6 and z.grad.abs().max() < 1e-5
+    z.grad = None
+    loss, logs = dd2.csd_loss(z, logp, Exact(torch.randn(B, L, V)), None, codebook)
+    loss.backward()
+    assert logs["gap"] > 1e-3 and z.grad.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_distill_resumes_exactly_and_stops_on_nan(family, tmp_path, monkeypatch):
+    """A run interrupted after its step-2 checkpoint (across the performance alignment) and started again ends with
+    the same weights and history as an uninterrupted one; a NaN stops it with the step and the checkpoint."""
+    tok, gpt, phi, codebook = tiny_setup(family)
+    init = dd2.ARDiffusion.from_teacher(phi, head_width=32, head_depth=1)
+    cfg = dd2.DistillConfig(n_steps=4, batch_size=4, k_guide=2, align_at=2, align_steps=2, k_after=1,
+                            ckpt_every=2, log_every=1)
+
+    def fresh():
+        gen, guide = dd2.ARDiffusion(**init.config), dd2.ARDiffusion(**init.config)
+        gen.load_state_dict(init.state_dict()), guide.load_state_dict(init.state_dict())
+        return gen, guide
+
+    def run(path):
+        gen, guide = fresh()
+        out = dd2.distill(gen, guide, phi, tok, codebook, SAMPLING[family], 3, cfg, path)
+        return out["ema"].state_dict(), guide.state_dict(), [h["csd"] for h in out["history"]], out["aligned"]
+
+    full = run(tmp_path / "full.pt")
+    calls, csd = [0], dd2.csd_loss
+
+    def killed_at_step_3(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return csd(*a, **kw)
+
+    monkeypatch.setattr(dd2, "csd_loss", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut.pt")
+    monkeypatch.setattr(dd2, "csd_loss", csd)
+    assert torch.load(tmp_path / "cut.pt", weights_only=False)["step"] == 2
+    resumed = run(tmp_path / "cut.pt")
+    assert full[3] and resumed[3] and full[2] == resumed[2]
+    for a, b in ((full[0], resumed[0]), (full[1], resumed[1])):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    gen, guide = dd2.ARDiffusion.from_teacher(phi, 32, 1), dd2.ARDiffusion.from_teacher(phi, 32, 1)
+    with torch.no_grad():
+        gen.head.final_layer.linear.bias.fill_(float("nan"))
+    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at generator step 0; last good checkpoint"):
+        dd2.distill(gen, guide, phi, tok, codebook, SAMPLING[family], 3, cfg, tmp_path / "nan.pt")
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_multistep_sampling_keeps_the_generator_prefix(family):
+    tok, gpt, phi, codebook = tiny_setup(family)
+    gen = dd2.ARDiffusion.from_teacher(phi, 32, 1).eval()
+    eps, labels = torch.randn(6, gen.L, gen.D), torch.randint(3, (6,))
+    one_tok, one = dd2.sample_multistep(gen, gpt, tok, eps, labels, codebook, 1, SAMPLING[family])
+    torch.testing.assert_close(one, dd2.generate(gen, tok, eps, labels))
+    assert torch.equal(one_tok, flow.nearest_code(one.reshape(-1, gen.D), codebook).view(6, -1))
+    k = 2
+    toks, emb = dd2.sample_multistep(gen, gpt, tok, eps, labels, codebook, k, SAMPLING[family],
+                                     torch.Generator().manual_seed(0))
+    first = ([0, *gen.ends])[len(gen.ends) - (k - 1)]
+    torch.testing.assert_close(emb[:, :first], one[:, :first])
+    assert torch.equal(toks[:, :first], one_tok[:, :first])
+    torch.testing.assert_close(emb[:, first:], codebook[toks[:, first:]])
+    with pytest.raises(ValueError, match="k must be in"):
+        dd2.sample_multistep(gen, gpt, tok, eps, labels, codebook, len(gen.ends) + 1, SAMPLING[family])
+
+
+# ---- acceptance: the one-step generator on an enumerable teacher ------------------------------------------------
+
+def test_dd2_generator_beats_onestep_star_on_enumerable_teacher(tmp_path):
+    """The toy teacher of tests/test_dd1.py (L = 4 tokens, V = 4 codes on the unit circle, 2 classes, 512 outcomes
+    with exact probabilities). The whole DD2 recipe at toy size: continuous input (MLP fit), GTS tuning on teacher
+    samples, CSD distillation; then TV of the one-step generator's snapped samples to the exact joint, against
+    onestep* (at best the product of the per-class marginals, ~0.44 away) and the AR-diffusion initialiser used
+    as a one-step generator (one Euler jump: the conditional means, ~0.85 away)."""
+    V, K, L, D = 4, 2, 4, 2
+    torch.manual_seed(0)
+    teacher = llamagen.GPT(vocab_size=V, num_classes=K, dim=32, n_layer=2, n_head=2, grid_size=2)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 2.0 / math.sqrt(p.shape[-1]) if p.shape[-1] > V else 2.0)
+    teacher.eval().requires_grad_(False)
+    ang = torch.arange(V) * 2 * math.pi / V
+    codebook = torch.stack([ang.cos(), ang.sin()], 1)
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=L)))
+    with torch.no_grad():
+        joint = torch.stack([teacher.logits(seqs, torch.full((len(seqs),), y)).log_softmax(-1)
+                             .gather(-1, seqs[..., None]).sum((1, 2)).exp() for y in range(K)])  # [K, 256]
+    place = V ** torch.arange(L - 1, -1, -1)
+
+    def tv(tokens, labels):  # mean over classes of TV(empirical joint, exact joint)
+        h = torch.zeros(K, V ** L).index_put_((labels, (tokens * place).sum(1)), torch.ones(len(labels)),
+                                              accumulate=True)
+        return (0.5 * (h / h.sum(1, keepdim=True) - joint).abs().sum(1)).mean().item()
+
+    def snapped(x):
+        return flow.nearest_code(x.reshape(-1, D), codebook).view(len(x), L)
+
+    sampling = params.parse("sample_teacher", {"cfg_scale": 1.0}, "llamagen")
+    g = torch.Generator().manual_seed(1)
+    N, M = 4000, 4000
+    labels = torch.randint(K, (N,), generator=g)
+    tokens = teacher.generate(labels, generator=g)
+    phi = dd2.ContinuousGPT.from_teacher(teacher, D, 64)
+    dd2.fit_input_mlp(phi, teacher.tok_embeddings.weight, codebook, 300, lr=1e-2)
+    phi.eval().requires_grad_(False)
+    data = {"tokens": tokens, "labels": labels}
+    assert dd2.kl_to_teacher(teacher, codebook)(phi, data)[0] < 1e-3
+
+    ar = dd2.ARDiffusion.from_teacher(phi, 64, 2)
+    loss = dd2.gts_loss(phi, None, codebook, sampling, 4)
+    ar.backbone.requires_grad_(False)
+    train.fit(ar, loss, data, train.FitConfig(n_steps=300, batch_size=256, lr=3e-3, ckpt_every=10 ** 9),
+              tmp_path / "head.pt")
+    ar.backbone.requires_grad_(True)
+    train.fit(ar, loss, data, train.FitConfig(n_steps=100, batch_size=256, lr=1e-3, ckpt_every=10 ** 9, seed=1),
+              tmp_path / "full.pt")
+    ar.eval()
+    y = torch.randint(K, (M,), generator=g)
+    tv_ardiff = tv(snapped(dd2.ardiff_sample(ar, None, y, 10, g)), y)  # the multi-step AR-diffusion sampler
+
+    gen, guide = copy.deepcopy(ar), copy.deepcopy(ar)
+    cfg = dd2.DistillConfig(n_steps=200, batch_size=256, lr_gen=1e-3, lr_guide=2e-3, warmup_steps=20, k_guide=3,
+                            ckpt_every=10 ** 9)
+    out = dd2.distill(gen, guide, phi, None, codebook, sampling, K, cfg, tmp_path / "distill.pt")
+    eps = torch.randn(M, L, D, generator=g)
+    with torch.no_grad():
+        tv_init = tv(snapped(dd2.generate(ar, None, eps, y)), y)
+        tv_dd2 = tv(snapped(dd2.generate(out["ema"], None, eps, y)), y)
+    tv_star = tv(baselines.onestep_star(tokens, M, g, labels, y, V), y)
+    exact = torch.stack([torch.multinomial(joint[c], 1, generator=g)[0] for c in y.tolist()])
+    tv_floor = tv(seqs[exact], y)  # a perfect sampler with M samples (~0.05)
+    assert tv_ardiff < tv_floor + 0.1, (tv_ardiff, tv_floor)  # GTS learnt the teacher's conditionals
+    assert tv_init > 0.7 and tv_star > 0.3, (tv_init, tv_star)
+    assert tv_dd2 < tv_star - 0.08, (tv_dd2, tv_star, tv_floor)
