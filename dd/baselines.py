@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .dd1 import step_ends, teacher_steps
+from .dd1 import step_ends
 
 
 def marginals(tokens_ref: torch.Tensor, vocab_size: int, labels_ref: torch.Tensor | None = None,
@@ -57,16 +57,21 @@ def onestep_star(tokens_ref: torch.Tensor, n: int, generator: torch.Generator | 
 
 
 @torch.no_grad()
-def skip_n(teacher, tok, labels: torch.Tensor, n_skip: int, cfg, tokens_ref: torch.Tensor,
-           generator: torch.Generator | None = None, labels_ref: torch.Tensor | None = None) -> torch.Tensor:
-    """The teacher's first N − n_skip AR steps (its ordinary sampler, `cfg` = the sample_teacher section), the
-    last n_skip steps' positions drawn from the marginals of tokens_ref [M, L] (per class with labels_ref).
-    labels [B] → tokens [B, L]. tok: the VQVAE for VAR, unused for LlamaGen."""
-    N = len(step_ends(teacher))
+def skip_n(fam, tok, teacher, labels: torch.Tensor, n_skip: int, cfg, tokens_ref: torch.Tensor,
+           generator: torch.Generator | None = None, labels_ref: torch.Tensor | None = None,
+           marginal_generator: torch.Generator | None = None, batch_size: int = 250, device="cpu") -> torch.Tensor:
+    """The teacher's first N − n_skip AR steps (its KV-cached sampler `fam.sample`, `cfg` = the sample_teacher
+    section), the last n_skip steps' positions drawn from the marginals of tokens_ref [M, L] (per class with
+    labels_ref). labels [B] → tokens [B, L] on the CPU. `generator` drives the teacher (on `device`),
+    `marginal_generator` the marginal draws (CPU)."""
+    ends = step_ends(teacher)
+    N = len(ends)
     if not 0 <= n_skip <= N:
         raise ValueError(f"skip_n: n_skip must be in [0, {N}], got {n_skip}")
     per_class = labels_ref is not None
-    filled = onestep_star(tokens_ref.to(labels.device), len(labels), generator,
-                          labels_ref.to(labels.device) if per_class else None, labels if per_class else None,
-                          teacher.vocab_size)
-    return teacher_steps(teacher, tok, filled, labels, 0, N - n_skip, cfg, generator)
+    y = labels.cpu()
+    filled = onestep_star(tokens_ref.cpu(), len(y), marginal_generator, labels_ref.cpu() if per_class else None,
+                          y if per_class else None, teacher.vocab_size)
+    kept = fam.sample(tok, teacher, labels, cfg, generator, batch_size, device, n_steps=N - n_skip)  # [B, n_kept]
+    filled[:, :kept.shape[1]] = kept
+    return filled

@@ -1,12 +1,20 @@
 """Latency and throughput measurement: warm-up, median of repeats, device synchronisation (CUDA events on GPU).
 
+Run alone on the pipeline's trained models (after `dvc repro`), the same figures as the evaluation stage:
+
+    python -m dd.bench --family llamagen --method dd1 --steps 1
+    python -m dd.bench --family var --method teacher --batch 64 --repeats 3
+    python -m dd.bench --family llamagen --method skip --steps 48      # the teacher's first 48 AR steps
+
 References:
     PyTorch `torch.utils.benchmark` (warm-up, median, synchronisation); DD1 paper §5 (latency at batch 1 and
     throughput at large batch are reported separately).
 """
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -63,3 +71,83 @@ def teacher_speed(fam, tok, teacher, cfg, labels: torch.Tensor, big_batch: int, 
 
     return {"tokens": latency_and_throughput(tokens, big_batch, device, repeats),
             "end_to_end": latency_and_throughput(end_to_end, big_batch, device, repeats)}
+
+
+def method_speed(f, method, big_batch: int, repeats: int = 5, seed: int = 0) -> dict:
+    """Latency (seconds per image at batch 1) and throughput (images/s at big_batch) of a `dd.methods.Method` of
+    family f (`dd.methods.Family`), for token generation alone and end to end with decoding to pixels."""
+    from .dd1 import decode
+
+    L, D = f.shape
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(big_batch) % f.teacher.num_classes).to(f.device)
+    noise = torch.randn(big_batch, L, D, generator=g).to(f.device)
+
+    def tokens(b):
+        return lambda: method.generate(labels[:b], noise[:b], seed)
+
+    def end_to_end(b):
+        return lambda: decode(f.tok, method.generate(labels[:b], noise[:b], seed)[1])
+
+    with torch.no_grad():
+        return {"tokens": latency_and_throughput(tokens, big_batch, f.device, repeats),
+                "end_to_end": latency_and_throughput(end_to_end, big_batch, f.device, repeats)}
+
+
+def _method_name(method: str, steps: int | None, n_ar: int, table) -> str | None:
+    if method == "mixed":
+        return next((k for k in table if k.startswith("dd1 mixed")), None)
+    return {"teacher": "teacher", "onestep": "onestep*", "skip": f"skip-{n_ar - (steps or 0)}"}.get(
+        method, f"{method} {steps or 1}-step")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dd.bench", description="Latency and throughput of one method "
+                                 "on the pipeline's trained models (run `dvc repro` first).")
+    ap.add_argument("--family", default="llamagen", choices=("llamagen", "var"))
+    ap.add_argument("--method", default="dd1", choices=("teacher", "skip", "onestep", "dd1", "mixed", "dd2"))
+    ap.add_argument("--steps", type=int, default=None, help="dd1: 1 or 2; dd2: k; skip: AR steps kept")
+    ap.add_argument("--batch", type=int, default=256, help="batch size of the throughput measurement")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats (median); one warm-up before them")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from . import io, methods
+
+    dev = io.resolve_device(args.device)
+    try:
+        f = methods.load(args.family, device=dev, need_students=args.method in ("dd1", "mixed", "dd2"))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_ar = len(f.ends)
+    if args.method == "skip" and args.steps is None:
+        print("error: --method skip needs --steps (the AR steps the teacher keeps)", file=sys.stderr)
+        return 2
+    skips = [n_ar - args.steps] if args.method == "skip" else []
+    multistep = [args.steps] if args.method == "dd2" and (args.steps or 1) > 1 else []
+    try:
+        table = methods.build(f, skips=skips, multistep=multistep)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = _method_name(args.method, args.steps, n_ar, table)
+    if name not in table:
+        print(f"error: no method {name!r} for {args.family}; available: {', '.join(table)}", file=sys.stderr)
+        return 2
+    m = table[name]
+    speed = method_speed(f, m, args.batch, args.repeats, args.seed)
+    base = method_speed(f, table["teacher"], args.batch, args.repeats, args.seed) if name != "teacher" else speed
+    print(f"{args.family} / {name}: {m.steps} sequential network evaluations, {m.n_params / 1e6:.2f}M parameters, "
+          f"device {dev}")
+    for part in ("tokens", "end_to_end"):
+        s, b = speed[part], base[part]
+        print(f"  {part:<10} latency {s['latency_s'] * 1e3:8.2f} ms/image (batch 1, median of {args.repeats}),"
+              f" throughput {s['throughput_img_s']:8.1f} images/s (batch {args.batch}),"
+              f" speed-up over the teacher {b['latency_s'] / s['latency_s']:.1f}× (batch 1),"
+              f" {s['throughput_img_s'] / b['throughput_img_s']:.1f}× (batch {args.batch})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

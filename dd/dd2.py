@@ -150,6 +150,37 @@ def kl_to_teacher(teacher: llamagen.GPT, codebook: torch.Tensor):
     return loss
 
 
+def adapt_continuous_input(teacher: llamagen.GPT, codebook: torch.Tensor, data: dict, mlp_steps: int,
+                           adapt_steps: int, adapt_lr: float, batch_size: int, n_hold: int, seed: int = 0,
+                           ckpt_path: str | Path | None = None, device="cpu"):
+    """DD2 App. E.4 for LlamaGen: a `ContinuousGPT` copy of the teacher, its input MLP fitted to the token table
+    (`fit_input_mlp`, mlp_steps) and then fine-tuned (`kl_to_teacher`, adapt_steps of `train.fit` on data =
+    {"tokens", "labels"} teacher samples, the last n_hold held out). The fine-tuned weights are kept only if they
+    lower the held-out KL; otherwise the fitted MLP is. → (model in eval mode without gradients, report dict with
+    "mlp_mse", "kl_after_fit", "kl_after_tuning", "kept", "mlp_losses", "history")."""
+    phi = ContinuousGPT.from_teacher(teacher, codebook.shape[1]).to(device)
+    mlp_losses = fit_input_mlp(phi, teacher.tok_embeddings.weight, codebook, mlp_steps)
+    kl_fn = kl_to_teacher(teacher, codebook)
+    hold = {k: v[-n_hold:].to(device) for k, v in data.items()}
+    with torch.no_grad():
+        kl_fit = kl_fn(phi.eval(), hold)[0].item()
+    fitted = copy.deepcopy(phi.state_dict())
+    history = []
+    if adapt_steps > 0:
+        history = train.fit(phi, kl_fn, {k: v[:-n_hold] for k, v in data.items()},
+                            train.FitConfig(n_steps=adapt_steps, batch_size=batch_size, lr=adapt_lr,
+                                            warmup_steps=min(20, adapt_steps), seed=seed),
+                            ckpt_path=ckpt_path, device=device, desc="continuous input")["history"]
+    phi.eval().requires_grad_(False)
+    with torch.no_grad():
+        kl_tuned = kl_fn(phi, hold)[0].item()
+    if kl_tuned > kl_fit:  # the fine-tuning did not help on held-out samples: keep the fitted MLP
+        phi.load_state_dict(fitted)
+    return phi, {"mlp_mse": mlp_losses[-1] if mlp_losses else None, "kl_after_fit": kl_fit,
+                 "kl_after_tuning": kl_tuned, "kept": "tuned" if kl_tuned <= kl_fit else "fitted",
+                 "mlp_losses": mlp_losses, "history": history}
+
+
 # ---- the teacher's distribution at every position, given a continuous prefix -------------------------------------
 
 def seq_input(tok, x: torch.Tensor) -> torch.Tensor:

@@ -481,7 +481,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, cfg_scale: float = 1.0, cfg_interval: int = -1,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None,
-                 sample_fn=None, return_logits: bool = False):
+                 sample_fn=None, return_logits: bool = False, n_steps: int | None = None):
         """KV-cached sampling of [B, grid^2] tokens for labels [B], with the official semantics.
 
         Guidance u + s (c - u) is used iff cfg_scale > 1 (the batch is doubled with the null class), for tokens
@@ -489,18 +489,22 @@ class GPT(nn.Module):
         max(temperature, 1e-5), filtered (top_k=0 and top_p=1.0 mean off) and sampled with `generator`.
         `sample_fn(logits [B,V], step) -> LongTensor [B]`, when given, replaces sampling and receives those
         filtered logits (removed entries -inf). With return_logits, also returns the guided, unfiltered
-        per-step logits [B, grid^2, V].
+        per-step logits [B, grid^2, V]. n_steps < grid^2 stops after that many tokens (skip-n baselines) and
+        returns only those [B, n_steps].
         """
         B, N = labels.shape[0], self.grid_size ** 2
+        if n_steps is not None and not 0 <= n_steps <= N:
+            raise ValueError(f"GPT.generate: n_steps must be in [0, {N}], got {n_steps}")
+        n_run = N if n_steps is None else n_steps
         guided = cfg_scale > 1.0
         y = torch.cat([labels, labels.new_full((B,), self.num_classes)]) if guided else labels
         c, w = self.config, self.tok_embeddings.weight
         shape = (y.shape[0], c["n_head"], N, c["dim"] // c["n_head"])
         cache = [(w.new_empty(shape), w.new_empty(shape)) for _ in self.layers]  # never part of the state dict
-        tokens = torch.empty(B, N, dtype=torch.long, device=labels.device)
+        tokens = torch.empty(B, n_run, dtype=torch.long, device=labels.device)
         steps = []
         h = self.cls_embedding(y)  # [B or 2B, 1, dim]
-        for n in range(N):
+        for n in range(n_run):
             logits = self.forward(h, start=n, cache=cache)[:, -1]  # [B or 2B, V]
             if guided:
                 cond, uncond = logits[:B], logits[B:]

@@ -183,3 +183,13 @@ def blur(images: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     x = F.pad(images, (r, r, r, r), mode="reflect")
     x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def marginal_tv(tokens: torch.Tensor, ref_tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per-position total variation between the token frequencies of tokens [N, L] and ref_tokens [M, L] → [L]
+    (0: identical marginals; the sampling-noise floor of N draws is well above 0 for large vocabularies)."""
+    def freq(t):
+        counts = torch.zeros(t.shape[1], vocab_size, dtype=torch.float64)
+        counts.scatter_add_(1, t.long().cpu().T, torch.ones(t.shape[1], t.shape[0], dtype=torch.float64))
+        return counts / t.shape[0]
+    return 0.5 * (freq(tokens) - freq(ref_tokens)).abs().sum(-1)

@@ -230,6 +230,17 @@ class TrainDD2:
     n_eval: int = num(1000, "samples per method for the metrics (the teacher samples' labels)", lo=10)
 
 
+@dataclass(frozen=True)
+class Evaluate:
+    n_eval: int = num(1000, "samples per method (the teacher samples' labels; at most sample_teacher.F.n_samples)",
+                      lo=10)
+    eval_batch: int = num(250, "sampling batch size", lo=1)
+    skip_llamagen: list = _spec([16, 32], "skip-n baselines of the LlamaGen family: AR steps (tokens) dropped", lo=1)
+    skip_var: list = _spec([1, 2], "skip-n baselines of the VAR family: AR steps (scales) dropped", lo=1)
+    latency_repeats: int = num(3, "timed repeats per speed figure (median), after one warm-up call", lo=1)
+    throughput_batch: int = num(256, "batch size of the throughput measurement", lo=1)
+
+
 SECTIONS: dict[str, type | dict] = {
     "base": Base, "prepare": Prepare, "features": Features,
     "teacher": {"llamagen": Teacher, "var": TeacherVar},
@@ -239,6 +250,7 @@ SECTIONS: dict[str, type | dict] = {
     "build_trajectories": {"llamagen": BuildTrajectories, "var": BuildTrajectories},
     "train_dd1": {"llamagen": TrainDD1, "var": TrainDD1},
     "train_dd2": {"llamagen": TrainDD2, "var": TrainDD2},
+    "evaluate": Evaluate,
 }
 FAMILIES = ("llamagen", "var")
 

@@ -60,6 +60,8 @@ def tables(metrics_dir: Path) -> str:
         out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     out += _dd1_table(metrics_dir)
     out += _dd2_table(metrics_dir)
+    out += _evaluate_table(metrics_dir)
+    out += _stage_times(metrics_dir.parent)
     return "\n".join(out).strip() + "\n"
 
 
@@ -108,6 +110,74 @@ def _dd2_table(metrics_dir: Path) -> list[str]:
     return ["", f"**DD2** (`train_dd2`; {fid} of 1,000 samples, same labels as above; DD1's cost = pairs + training):",
             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
             *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
+
+
+# The papers' ImageNet-256 rows that correspond to our methods (FID-50k with Inception features, their models):
+# {family: {our method (prefix): (paper row, FID, speed-up over the teacher or None)}}. Our skip-n / mixed settings
+# drop comparable shares of the AR steps, not the same counts.
+PAPER = {
+    "llamagen": {"teacher": ("LlamaGen-L, 256 steps", 4.11, None), "skip-16": ("skip-106 of 256", 19.14, 1.7),
+                 "skip-32": ("skip-156 of 256", 80.72, 2.6), "onestep*": ("onestep*", 220.2, None),
+                 "dd1 1-step": ("DD1 1-step", 11.35, 217.8), "dd1 2-step": ("DD1 2-step", 7.58, 116.5),
+                 "dd1 mixed": ("DD1 pre-trained-41-81", 6.20, 5.7), "dd2 1-step": ("DD2 1-step", 8.59, 238.0)},
+    "var": {"teacher": ("VAR-d16, 10 steps", 4.19, None), "skip-1": ("skip-1 of 10", 9.52, 1.2),
+            "skip-2": ("skip-2 of 10", 40.09, 1.4), "onestep*": ("onestep*", 157.5, None),
+            "dd1 1-step": ("DD1 1-step", 9.94, 6.3), "dd1 2-step": ("DD1 2-step", 7.82, 3.7),
+            "dd1 mixed": ("DD1 pre-trained-4-6", 5.47, 2.1), "dd2 1-step": ("DD2 1-step (VAR-d16)", 6.21, 7.0)},
+}
+
+
+def _paper(family: str, method: str):
+    rows = PAPER.get(family, {})
+    key = method if method in rows else next((k for k in rows if method.startswith(k)), None)
+    return rows.get(key) if key else None
+
+
+def _evaluate_table(metrics_dir: Path) -> list[str]:
+    d = _read(metrics_dir, "evaluate")
+    if not d:
+        return []
+    fid = d["fid_key"]
+    head = ["family", "method", "steps", fid, "precision", "recall", "class acc", "teacher NLL bits/token",
+            "params", "latency ms (batch 1, tokens / end to end)", f"images/s (batch {d.get('throughput_batch', 256)})",
+            "speed-up (batch 1, tokens / end to end)", "train min", "paper (ImageNet-256 FID, speed-up)"]
+    rows = []
+    for fam in ("llamagen", "var"):
+        for name, m in d.get(fam, {}).items():
+            p = _paper(fam, name)
+            paper = "–" if p is None else f"{p[0]}: {p[1]:g}" + (f", {p[2]:g}×" if p[2] else "")
+            rows.append([fam, name, m["steps"], _fmt(m[fid]), _fmt(m["precision"]), _fmt(m["recall"]),
+                         f"{m['class_acc']:.1%}", f"{m['teacher_nll_bits']:.2f}",
+                         f"{m['params_m']:.2f}M" if m["params_m"] else "–",
+                         f"{m['latency_ms']:.1f} / {m['latency_e2e_ms']:.1f}", f"{m['images_per_s']:.0f}",
+                         f"{m['speedup']:.1f}× / {m['speedup_e2e']:.1f}×",
+                         "–" if m.get("train_min") is None else f"{m['train_min']:.1f}", paper])
+    return ["", f"**Every method side by side** (`evaluate`; {d['n_eval']:,} samples per method, the same labels and "
+            f"noise; {fid} is measured in the dataset's own feature space, **not** ImageNet FID; teacher NLL: the "
+            "unguided teacher's negative log-likelihood of the generated tokens; train min: the teacher's tokenizer + "
+            "AR training, DD1's pairs + training, DD2's samples + adaptation + GTS + distillation; device "
+            f"`{d['device']}`, {d['threads']} threads, torch {d['torch']}):",
+            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
+
+
+def _stage_times(reports: Path) -> list[str]:
+    """Wall time of every stage of the last `dvc repro`, from the papermill metadata of the executed notebooks."""
+    rows, ends = [], []
+    for nb in sorted(reports.glob("[0-9][0-9]_*.ipynb")):
+        pm = json.loads(nb.read_text()).get("metadata", {}).get("papermill", {})
+        if pm.get("duration") is None:
+            continue
+        rows.append((nb.stem, pm["duration"], pm.get("end_time", "")[:10]))
+        ends.append(pm.get("end_time", ""))
+    if not rows:
+        return []
+    total = sum(r[1] for r in rows)
+    dates = sorted({r[2] for r in rows if r[2]})
+    return ["", f"**Stage wall times** (executed notebooks in `reports/`, papermill's own timing; run on "
+            f"{' – '.join(dates[::max(1, len(dates) - 1)])}; dvc's hashing and kernel start-up come on top):", "",
+            "| stage | minutes |", "|---|---|", *(f"| `{n}` | {s / 60:.1f} |" for n, s, _ in rows),
+            f"| **total** | **{total / 60:.1f}** |"]
 
 
 def render(readme: str, metrics_dir: Path) -> str:

@@ -95,14 +95,16 @@ class LlamaGen:
     @staticmethod
     @torch.no_grad()
     def sample(tok, teacher, labels: torch.Tensor, cfg, generator=None, batch_size: int = 250, device="cpu",
-               sample_fn=None) -> torch.Tensor:
-        """labels [N] → tokens [N, L], with the sample_teacher section's CFG / temperature / top-k / top-p."""
+               sample_fn=None, n_steps: int | None = None) -> torch.Tensor:
+        """labels [N] → tokens [N, L], with the sample_teacher section's CFG / temperature / top-k / top-p.
+        n_steps: stop after that many AR steps (tokens [N, n_steps])."""
         teacher.eval().to(device)
         out = []
         for i in _batches(len(labels), batch_size, "sample"):
             out.append(teacher.generate(labels[i:i + batch_size].to(device), cfg_scale=cfg.cfg_scale,
                                         cfg_interval=cfg.cfg_interval, temperature=cfg.temperature, top_k=cfg.top_k,
-                                        top_p=cfg.top_p, generator=generator, sample_fn=sample_fn).cpu())
+                                        top_p=cfg.top_p, generator=generator, sample_fn=sample_fn,
+                                        n_steps=n_steps).cpu())
         return torch.cat(out)
 
     @staticmethod
@@ -180,14 +182,15 @@ class VAR:
     @staticmethod
     @torch.no_grad()
     def sample(tok, teacher, labels: torch.Tensor, cfg, generator=None, batch_size: int = 250, device="cpu",
-               sample_fn=None) -> torch.Tensor:
-        """labels [N] → tokens [N, L], with VAR's CFG ramp and top-k / top-p (no temperature)."""
+               sample_fn=None, n_steps: int | None = None) -> torch.Tensor:
+        """labels [N] → tokens [N, L], with VAR's CFG ramp and top-k / top-p (no temperature).
+        n_steps: stop after that many scales (tokens of those scales only)."""
         teacher.eval().to(device), tok.eval().to(device)
         out = []
         for i in _batches(len(labels), batch_size, "sample"):
             idx = teacher.generate(tok, labels[i:i + batch_size].to(device), cfg=cfg.cfg, top_k=cfg.top_k,
-                                   top_p=cfg.top_p, generator=generator, sample_fn=sample_fn)
-            out.append(torch.cat(idx, 1).cpu())
+                                   top_p=cfg.top_p, generator=generator, sample_fn=sample_fn, n_steps=n_steps)
+            out.append(torch.cat(idx, 1).cpu() if idx else torch.zeros(len(labels[i:i + batch_size]), 0, dtype=torch.long))
         return torch.cat(out)
 
     @staticmethod

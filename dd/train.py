@@ -5,6 +5,11 @@ tensors that share their first dimension. Batches are drawn from a per-epoch per
 `(seed, epoch)`, and the checkpoint carries model, EMA, optimizer, step, history and RNG state, so a run killed at
 any point and started again continues exactly where its last checkpoint left it.
 
+Under `torchrun` (`dd.dist.init()` first), every process runs the same call: each takes its share of the same global
+batch (`batch_size` rows, split evenly by rank), gradients are averaged across processes before each optimizer
+step, and rank 0 writes the checkpoints (with every rank's RNG state). The result equals the single-process run at
+the same global batch up to floating-point summation order (for losses without randomness of their own).
+
 References:
     karpathy/nanoGPT `train.py` (flat loop, warm-up + cosine, checkpoint with its config);
     facebookresearch/DiT `train.py` (EMA of the weights, evaluated instead of the raw weights).
@@ -21,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import io
+from . import dist, io
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,8 +100,12 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
     n = n.pop()
     device = torch.device(device)
     ckpt_path = Path(ckpt_path)
-    torch.manual_seed(cfg.seed)
+    world, rank = dist.world(), dist.rank()
+    if cfg.batch_size % world:
+        raise ValueError(f"fit: batch_size {cfg.batch_size} does not split evenly across {world} processes")
+    torch.manual_seed(cfg.seed + rank)  # (ranks draw different dropout masks)
     model.to(device).train()
+    dist.broadcast_module(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
     decay, no_decay = [], []
     for p in model.parameters():
@@ -107,6 +116,8 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
     step, history = 0, []
     fingerprint = {"fit_config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
                    "model_config": getattr(model, "config", None), "n": n}
+    if world > 1:
+        fingerprint["world"] = world
     ck = io.load_checkpoint(ckpt_path, map_location=device) if ckpt_path.is_file() else None
     if ck is not None and ck.get("fingerprint") != fingerprint:  # another run's state: never resume from it
         print(f"{ckpt_path}: written by a run with other settings; starting afresh")
@@ -117,30 +128,36 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
             ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
         step, history = ck["step"], ck["history"]
-        _set_rng_state(ck["rng"])
+        _set_rng_state(ck["rng_ranks"][rank] if world > 1 else ck["rng"])
     resumed_from = step
 
-    def save():
-        io.save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": opt.state_dict(), "step": step, "history": history, "rng": _rng_state(),
-            "fingerprint": fingerprint})
+    params = [p for p in model.parameters() if p.requires_grad]
 
-    bar = tqdm(total=cfg.n_steps, initial=step, desc=desc, mininterval=2.0)
+    def save():
+        rng = dist.gather(_rng_state())  # every rank takes part; rank 0 writes
+        if dist.is_main():
+            io.save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": opt.state_dict(), "step": step, "history": history, "rng": rng[0],
+                **({"rng_ranks": rng} if world > 1 else {}), "fingerprint": fingerprint})
+        dist.barrier()
+
+    bar = tqdm(total=cfg.n_steps, initial=step, desc=desc, mininterval=2.0, disable=not dist.is_main())
     while step < cfg.n_steps:
-        rows = batch_indices(n, cfg.batch_size, step, cfg.seed)
+        rows = batch_indices(n, cfg.batch_size, step, cfg.seed)[rank::world]  # this rank's share
         batch = {k: v[rows].to(device, non_blocking=True) for k, v in data.items()}
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         out = loss_fn(model, batch)
         loss, logs = out if isinstance(out, tuple) else (out, {})
-        if not torch.isfinite(loss):
+        if not (torch.isfinite(loss) if world == 1 else dist.mean(torch.isfinite(loss).float()) == 1):
             last = f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=True)['step']})" \
                 if ckpt_path.is_file() else "none written yet"
             raise TrainingDiverged(f"{desc}: loss is {loss.item()} at step {step}; last good checkpoint: {last}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        dist.average_gradients(params)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -150,8 +167,11 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
         if on_step is not None:
             on_step(model, step)
         if step % cfg.log_every == 0 or step == cfg.n_steps:
-            history.append({"step": step, "loss": loss.item(), "lr": lr, **{k: float(v) for k, v in logs.items()}})
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            keys = list(logs)
+            vals = dist.mean(torch.tensor([loss.item(), *(float(logs[k]) for k in keys)], dtype=torch.float64))
+            history.append({"step": step, "loss": vals[0].item(), "lr": lr,
+                            **{k: v.item() for k, v in zip(keys, vals[1:])}})
+            bar.set_postfix(loss=f"{vals[0].item():.4f}")
         if step % cfg.ckpt_every == 0 or step == cfg.n_steps:
             save()
         bar.update(1)

@@ -639,7 +639,8 @@ class VAR(nn.Module):
 
     @torch.no_grad()
     def generate(self, vae: VQVAE, labels: torch.Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
-                 generator: torch.Generator | None = None, sample_fn=None, return_logits: bool = False):
+                 generator: torch.Generator | None = None, sample_fn=None, return_logits: bool = False,
+                 n_steps: int | None = None):
         """KV-cached next-scale sampling for labels [B] (upstream autoregressive_infer_cfg). Returns one
         LongTensor [B, pn*pn] per scale; decode with `vae.decode_scales`.
 
@@ -647,8 +648,11 @@ class VAR(nn.Module):
         logits are filtered (`filter_logits`; top_k=0, top_p=0 mean off; no temperature) and sampled with
         `generator`. `sample_fn(logits [B, pn*pn, V], si) -> LongTensor [B, pn*pn]`, when given, replaces
         sampling and receives those filtered logits (removed entries -inf). With return_logits, also returns the
-        guided, unfiltered logits [B, pn*pn, V] of every scale.
+        guided, unfiltered logits [B, pn*pn, V] of every scale. n_steps < len(patch_nums) stops after that many
+        scales (skip-n baselines) and returns only theirs.
         """
+        if n_steps is not None and not 0 <= n_steps <= len(self.patch_nums):
+            raise ValueError(f"VAR.generate: n_steps must be in [0, {len(self.patch_nums)}], got {n_steps}")
         if (list(vae.patch_nums), vae.z_channels, vae.config["vocab_size"]) != \
                 (list(self.patch_nums), self.z_channels, self.vocab_size):
             raise ValueError(f"VAR.generate: the VQVAE (patch_nums {list(vae.patch_nums)}, Cvae {vae.z_channels},"
@@ -662,7 +666,7 @@ class VAR(nn.Module):
         idx_list, logits_list = [], []
         self._set_kv_cache(True)
         try:
-            for si, pn in enumerate(self.patch_nums):
+            for si, pn in enumerate(self.patch_nums[:n_steps]):
                 for block in self.blocks:
                     x = block(x, cond, None)
                 logits = self._head(x, cond)  # [2B, pn*pn, V]

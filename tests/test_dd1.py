@@ -274,9 +274,11 @@ def test_skip_n_fills_skipped_steps_from_marginals():
     cfg = params.parse("sample_teacher", {"cfg_scale": 1.0, "top_k": 1}, "llamagen")  # greedy, unguided
     y = torch.tensor([0, 1, 2])
     ref = torch.full((10, 9), 5)
-    out = baselines.skip_n(g, None, y, 3, cfg, ref, torch.Generator().manual_seed(0))
+    fam = teachers.family("llamagen")
+    out = baselines.skip_n(fam, None, g, y, 3, cfg, ref, torch.Generator().manual_seed(0))
     assert torch.equal(out[:, :6], g.generate(y, top_k=1)[:, :6]) and (out[:, 6:] == 5).all()
-    assert (baselines.skip_n(g, None, y, 9, cfg, ref) == 5).all()
+    assert (baselines.skip_n(fam, None, g, y, 9, cfg, ref) == 5).all()
+    assert torch.equal(baselines.skip_n(fam, None, g, y, 0, cfg, ref), g.generate(y, top_k=1))
 
 
 # ---- acceptance: a distilled one-step student reproduces an enumerable teacher's joint -------------------------

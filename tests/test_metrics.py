@@ -78,3 +78,12 @@ def test_frechet_between_is_the_squared_mean_shift_for_equal_covariances():
     shift = torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0, 3.0], dtype=torch.float64)
     assert abs(metrics.frechet_between(a, a + shift) - shift.pow(2).sum().item()) < 1e-6
     assert abs(metrics.frechet_between(a, a)) < 1e-6
+
+
+def test_marginal_tv_closed_form():
+    a = torch.tensor([[0, 1], [0, 1], [2, 1], [2, 3]])
+    assert torch.equal(metrics.marginal_tv(a, a, 4), torch.zeros(2, dtype=torch.float64))
+    b = torch.tensor([[1, 0], [1, 0]])  # position 0: {0: .5, 2: .5} vs {1: 1} → 1; position 1: {1: .75, 3: .25} vs {0: 1}
+    assert torch.allclose(metrics.marginal_tv(a, b, 4), torch.tensor([1.0, 1.0], dtype=torch.float64))
+    c = torch.tensor([[0, 1]])  # position 0: {0: .5, 2: .5} vs {0: 1} → .5; position 1: {1: .75, 3: .25} vs {1: 1} → .25
+    assert torch.allclose(metrics.marginal_tv(a, c, 4), torch.tensor([0.5, 0.25], dtype=torch.float64))

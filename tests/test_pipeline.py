@@ -33,6 +33,8 @@ TOY = {
                         "head_depth": 1, "gts_head_steps": 3, "gts_full_steps": 2, "gts_batch": 8, "n_noise": 2,
                         "n_euler": 2, "n_steps": 3, "batch_size": 4, "warmup_steps": 1, "k_guide": 2, "align_at": 2,
                         "align_steps": 1, "n_eval": 20} for fam in ("llamagen", "var")},
+    "evaluate": {"n_eval": 20, "eval_batch": 10, "skip_llamagen": [16], "skip_var": [1], "latency_repeats": 1,
+                 "throughput_batch": 4},
 }
 
 
@@ -62,7 +64,7 @@ def toy_repo(tmp_path_factory):
 
 def test_repro_writes_reports_data_and_metrics(toy_repo):
     tmp, _, _ = toy_repo
-    for stage in ("01_prepare", "02_features", *(f"{nb}_{fam}" for fam in ("llamagen", "var") for nb in
+    for stage in ("01_prepare", "02_features", "09_evaluate", *(f"{nb}_{fam}" for fam in ("llamagen", "var") for nb in
                                                   ("03_train_tokenizer", "04_train_teacher", "05_sample_teacher",
                                                    "06_build_trajectories", "07_train_dd1", "08_train_dd2"))):
         assert (tmp / f"reports/{stage}.ipynb").stat().st_size > 0
@@ -89,9 +91,31 @@ def test_repro_writes_reports_data_and_metrics(toy_repo):
         assert d2["methods"]["dd2 1-step"]["steps"] == 1 and d2["methods"]["dd2 2-step"]["steps"] == 2
         assert d2["cost_seconds"]["dd2"] > 0 and d2["cost_seconds"]["dd1"] > 0 and d2["speedup_tokens_batch1"] > 0
         assert (fam == "llamagen") == ("continuous input" in d2["cost_seconds"]["dd2_parts"])
+        ev = io.read_json(tmp / "reports/metrics/evaluate.json")[fam]
+        skip = "skip-16" if fam == "llamagen" else "skip-1"
+        assert list(ev) == ["teacher", skip, "onestep*", "dd1 1-step", "dd1 2-step", next(k for k in ev if "mixed" in k),
+                            "dd2 1-step", "dd2 2-step"]
+        assert ev["teacher"]["steps"] == steps and ev[skip]["steps"] == steps - (16 if fam == "llamagen" else 1)
+        assert ev["dd1 1-step"]["fid_fmnist" if FMNIST.exists() else "fid_mnist5k"] > 0
+        assert all(m["latency_ms"] > 0 and m["teacher_nll_bits"] > 0 for m in ev.values())
+        assert ev["onestep*"]["train_min"] is None and ev["dd1 1-step"]["train_min"] > 0
+        # the evaluation reproduces the training stage's own DD1 figure (same labels, same noise)
+        key = "fid_fmnist" if FMNIST.exists() else "fid_mnist5k"
+        assert abs(ev["dd1 1-step"][key] - d["methods"]["dd1 1-step"][key]) < 1e-6
 
 
 def test_second_repro_is_up_to_date(toy_repo):
     tmp, env, dvc = toy_repo
     r = subprocess.run(dvc + ["status"], cwd=tmp, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "up to date" in r.stdout.lower(), r.stdout
+
+
+def test_bench_entry_point_prints_the_speed_figures(toy_repo):
+    tmp, env, _ = toy_repo
+    run = [sys.executable, "-m", "dd.bench", "--family", "llamagen"]
+    r = subprocess.run(run + ["--method", "dd1", "--steps", "1", "--batch", "4", "--repeats", "1"], cwd=tmp, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "llamagen / dd1 1-step" in r.stdout and r.stdout.count("latency") == 2 and "speed-up over the teacher" in r.stdout
+    r = subprocess.run(run + ["--method", "skip"], cwd=tmp, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "--method skip needs --steps" in r.stderr

@@ -174,6 +174,17 @@ def test_kv_cache_logits_equal_teacher_forcing():
     close(torch.cat(kv, 1), tf, 1e-4)
 
 
+def test_generate_stops_after_n_steps():
+    vae, model = small_models(seed=1)
+    labels = torch.tensor([0, 2])
+    full = model.generate(vae, labels, cfg=2.0, generator=torch.Generator().manual_seed(0))
+    part = model.generate(vae, labels, cfg=2.0, generator=torch.Generator().manual_seed(0), n_steps=2)
+    assert len(part) == 2 and all(torch.equal(a, b) for a, b in zip(part, full))
+    assert model.generate(vae, labels, n_steps=0) == []
+    with pytest.raises(ValueError, match="n_steps must be in"):
+        model.generate(vae, labels, n_steps=len(model.patch_nums) + 1)
+
+
 def test_cfg_ramp_closed_form():
     _, model = small_models()
     x_in, labels = torch.randn(2, 20, 8), torch.tensor([1, 2])
