@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # dvc stages run `python -m dd.stage ...`: put the venv first on PATH for them.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup data repro test clean-venv
+.PHONY: setup data repro repro-gpu test clean-venv
 
 setup: $(STAMP) data
 
@@ -38,3 +38,7 @@ test: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The GPU profile (profiles/gpu.yaml) as a DVC experiment on top of params.yaml; see README "GPU profile".
+repro-gpu: setup
+	$(BIN)/dvc exp run -n gpu $$($(BIN)/python -m dd.profile profiles/gpu.yaml)

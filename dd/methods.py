@@ -85,7 +85,8 @@ def load(family: str, dirs: dict | None = None, device="cpu", need_students: boo
     from .trajectories import load_pairs
     out = Family(family, fam, tok, teacher, fam.codebook(tok).float().to(dev), dd1.step_ends(teacher),
                  params.parse("sample_teacher", smeta["sampling"], family),
-                 load_pairs(io.path(d["pairs"], family), pmeta["n_pairs"]), dev)
+                 load_pairs(io.path(d["pairs"], family), pmeta["n_pairs"], teacher.num_classes, teacher.vocab_size),
+                 dev)
     tok_s, tea_s = (_seconds(d["metrics"], f"{s}_{family}") for s in ("train_tokenizer", "train_teacher"))
     out.train_seconds["teacher"] = None if tok_s is None or tea_s is None else tok_s + tea_s
     for name, cls, folder in (("dd1", dd1.DD1Model, d["dd1"]), ("dd2", dd2.ARDiffusion, d["dd2"])):

@@ -187,6 +187,9 @@ class TrainDD1:
     cont_loss: str = choice("embed", ("embed", "decoded", "none"),
                             "continuous-head loss: MSE to the code vectors, pixel MSE through the decoder, or none")
     cont_weight: float = num(1.0, "weight of the continuous-head loss beside the cross-entropy", lo=0.0)
+    input_init: str = choice("random", ("random", "lstsq"),
+                             "LlamaGen's new Linear(D, dim) input: small random (release) or the least-squares map "
+                             "from code vectors to the teacher's token embeddings")
     n_steps: int = num(400, "training steps", lo=1)
     batch_size: int = num(128, "batch size", lo=1)
     lr: float = num(5e-4, "AdamW learning rate", lo=0.0, lo_open=True, hi=1.0)
@@ -340,7 +343,11 @@ def read_yaml(path: str | Path) -> dict:
 
 def load(path: str | Path) -> dict[str, Any]:
     """Read and validate every known section of a params file: {section: dataclass}."""
-    raw = read_yaml(path)
+    return validate(read_yaml(path))
+
+
+def validate(raw: dict) -> dict[str, Any]:
+    """Validate every known section of a params mapping: {section: dataclass}."""
     for name, values in raw.items():
         if name not in SECTIONS:
             raise ParamsError(f"params.yaml: unknown section '{name}'; known sections: {', '.join(SECTIONS)}")

@@ -114,9 +114,11 @@ def build(folder: str | Path, fam, tok, teacher, sampling, n_pairs: int, shard_s
     return {"shards": [folder / SHARD.format(k) for k in mine], "built_pairs": built}
 
 
-def load_pairs(folder: str | Path, n_pairs: int | None = None) -> dict[str, torch.Tensor]:
+def load_pairs(folder: str | Path, n_pairs: int | None = None, num_classes: int | None = None,
+               vocab_size: int | None = None) -> dict[str, torch.Tensor]:
     """The shards of a folder, in shard order, concatenated: {"labels" [N], "tokens" [N, L], "noise" [N, L, D]};
-    all consecutive shards, or the first n_pairs pairs (an error if fewer are on disk)."""
+    all consecutive shards, or the first n_pairs pairs (an error if fewer are on disk). With num_classes /
+    vocab_size, a label or token out of range is an error naming the shard."""
     folder = io.path(folder)
     shards, have = [], 0
     for k in itertools.count():
@@ -125,6 +127,11 @@ def load_pairs(folder: str | Path, n_pairs: int | None = None) -> dict[str, torc
         shards.append(io.read_checked(folder, SHARD.format(k))[0] if (folder / "meta.json").is_file()
                       else io.load_tensors(folder / SHARD.format(k)))
         have += len(shards[-1]["labels"])
+        for key, top in (("labels", num_classes), ("tokens", vocab_size)):
+            t = shards[-1][key]
+            if top is not None and len(t) and (t.min() < 0 or t.max() >= top):
+                raise ValueError(f"{folder / SHARD.format(k)}: {key} out of range: found {int(t.min())} .. "
+                                 f"{int(t.max())}, the teacher takes 0 .. {top - 1} (pairs of another teacher?)")
     if not shards or (n_pairs is not None and have < n_pairs):
         raise FileNotFoundError(f"{folder}: {have} pairs on disk, {n_pairs or 'some'} needed "
                                 f"(has build_trajectories run? `dvc repro build_trajectories`)")

@@ -89,3 +89,15 @@ def test_stage_stops_fast_with_one_line(tmp_path, edit, expected):
     assert len(lines) == 1 and expected in lines[0], r.stderr
     assert seconds < 10
     assert not (tmp_path / "data").exists() and not (tmp_path / "reports").exists()
+
+
+def test_gpu_profile_is_valid_and_becomes_dvc_set_params(tmp_path, capsys):
+    from dd import profile
+
+    assert profile.main([str(ROOT / "profiles/gpu.yaml")]) == 0
+    args = capsys.readouterr().out.split()
+    assert "train_dd1.llamagen.n_steps=10000" in args and args.count("-S") == len(args) // 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train_dd1:\n  llamagen: {lr: 5}\n")
+    assert profile.main([str(bad)]) == 2
+    assert "train_dd1.llamagen.lr = 5 is not allowed" in capsys.readouterr().err

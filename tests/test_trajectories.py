@@ -96,3 +96,8 @@ def test_build_drops_shards_of_other_settings_and_load_pairs_counts(tiny, tmp_pa
     assert len(trajectories.load_pairs(tmp_path, 5)["labels"]) == 5
     with pytest.raises(FileNotFoundError, match="6 pairs on disk, 7 needed"):
         trajectories.load_pairs(tmp_path, 7)
+    with pytest.raises(ValueError, match=r"pairs_00000.safetensors: labels out of range: found 0 \.\. 1, the teacher "
+                                         r"takes 0 \.\. 0"):
+        trajectories.load_pairs(tmp_path, num_classes=1)
+    with pytest.raises(ValueError, match=r"pairs_00000.safetensors: tokens out of range: .* the teacher takes 0 \.\. 1 "):
+        trajectories.load_pairs(tmp_path, vocab_size=2)
