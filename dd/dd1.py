@@ -141,14 +141,10 @@ class DD1Model(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @classmethod
-    def from_teacher(cls, teacher: nn.Module, codebook_dim: int | None = None,
-                     codebook: torch.Tensor | None = None) -> "DD1Model":
+    def from_teacher(cls, teacher: nn.Module, codebook_dim: int | None = None) -> "DD1Model":
         """A DD1 model whose shared parts are copies of `teacher`'s weights (the teacher is left untouched).
 
-        LlamaGen: class table, layers, final norm, logits head; codebook_dim (the tokenizer's D) is required. With
-        `codebook` [V, D], the new Linear(D, dim) input starts as the least-squares map from the code vectors to the
-        teacher's token embeddings (c_v ↦ ≈ tok_embeddings[v]) instead of a small random one, so that data
-        positions read like the teacher's tokens from the first step (`train_dd1.F.input_init: lstsq`).
+        LlamaGen: class table, layers, final norm, logits head; codebook_dim (the tokenizer's D) is required.
         VAR: word_embed, class_emb, blocks, head_nm, head; pos_start; pos_1LC and lvl_embed shifted by one slot
         (DD slot j ≥ 2 takes the teacher row of slot j-1, the one that predicted token j-1; slot 1 stays new).
         """
@@ -170,12 +166,6 @@ class DD1Model(nn.Module):
             raise TypeError(f"DD1Model.from_teacher: expected a llamagen.GPT or var.VAR, got {type(teacher).__name__}")
         for name in shared:
             getattr(model, name).load_state_dict(getattr(teacher, name).state_dict())
-        if codebook is not None and model.family == "llamagen":
-            with torch.no_grad():
-                a = torch.cat([codebook.double().cpu(), torch.ones(len(codebook), 1, dtype=torch.float64)], 1)
-                sol = torch.linalg.lstsq(a, teacher.tok_embeddings.weight.double().cpu()).solution  # [D + 1, dim]
-                model.tok_embeddings.weight.copy_(sol[:-1].T)
-                model.tok_embeddings.bias.copy_(sol[-1])
         return model.to(next(teacher.parameters()).device)
 
     def rope(self, device) -> torch.Tensor:

@@ -187,9 +187,6 @@ class TrainDD1:
     cont_loss: str = choice("embed", ("embed", "decoded", "none"),
                             "continuous-head loss: MSE to the code vectors, pixel MSE through the decoder, or none")
     cont_weight: float = num(1.0, "weight of the continuous-head loss beside the cross-entropy", lo=0.0)
-    input_init: str = choice("random", ("random", "lstsq"),
-                             "LlamaGen's new Linear(D, dim) input: small random (release) or the least-squares map "
-                             "from code vectors to the teacher's token embeddings")
     n_steps: int = num(400, "training steps", lo=1)
     batch_size: int = num(128, "batch size", lo=1)
     lr: float = num(5e-4, "AdamW learning rate", lo=0.0, lo_open=True, hi=1.0)
