@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from . import baselines, dd1, dd2, flow, io, params, teachers
+from .trajectories import load_pairs
 
 DIRS = dict(tokenizer="data/train_tokenizer", teacher="data/train_teacher", samples="data/sample_teacher",
             pairs="data/build_trajectories", dd1="data/train_dd1", dd2="data/train_dd2",
@@ -82,7 +83,6 @@ def load(family: str, dirs: dict | None = None, device="cpu", need_students: boo
     teacher = teachers.load_model(io.path(d["teacher"], family), "teacher", fam.Teacher).to(dev).requires_grad_(False)
     _, smeta = io.read_checked(io.path(d["samples"], family), "samples.safetensors")
     pmeta = io.read_json(io.path(d["pairs"], family, "meta.json"))
-    from .trajectories import load_pairs
     out = Family(family, fam, tok, teacher, fam.codebook(tok).float().to(dev), dd1.step_ends(teacher),
                  params.parse("sample_teacher", smeta["sampling"], family),
                  load_pairs(io.path(d["pairs"], family), pmeta["n_pairs"], teacher.num_classes, teacher.vocab_size),

@@ -237,7 +237,8 @@ class Evaluate:
     eval_batch: int = num(250, "sampling batch size", lo=1)
     skip_llamagen: list = _spec([16, 32], "skip-n baselines of the LlamaGen family: AR steps (tokens) dropped", lo=1)
     skip_var: list = _spec([1, 2], "skip-n baselines of the VAR family: AR steps (scales) dropped", lo=1)
-    latency_repeats: int = num(3, "timed repeats per speed figure (median), after one warm-up call", lo=1)
+    latency_repeats: int = num(5, "rounds of interleaved timed calls per speed figure (median), after one warm-up",
+                               lo=1)
     throughput_batch: int = num(256, "batch size of the throughput measurement", lo=1)
 
 
