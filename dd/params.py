@@ -228,6 +228,8 @@ class TrainDD2:
     multistep: list = _spec([2], "k of the multi-step samples (the teacher redraws the last k - 1 AR steps)", lo=2)
     eval_every: int = num(25, "generator steps between probe evaluations (500 one-step samples) of the EMA", lo=1)
     n_eval: int = num(1000, "samples per method for the metrics (the teacher samples' labels)", lo=10)
+    n_eval_ardiff: int = num(250, "samples of the AR-diffusion model's metrics (n_euler × AR steps per image; the "
+                             "first of the n_eval labels)", lo=10)
 
 
 @dataclass(frozen=True)

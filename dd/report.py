@@ -65,13 +65,17 @@ def tables(metrics_dir: Path) -> str:
     return "\n".join(out).strip() + "\n"
 
 
+def _n_samples(d: dict) -> str:
+    return f"{d['n_eval']:,}" if "n_eval" in d else "1,000"
+
+
 def _dd1_table(metrics_dir: Path) -> list[str]:
-    rows, fid = [], None
+    rows, fid, n = [], None, "1,000"
     for fam in ("llamagen", "var"):
         pairs, dd1 = _read(metrics_dir, f"build_trajectories_{fam}"), _read(metrics_dir, f"train_dd1_{fam}")
         if not (pairs and dd1):
             continue
-        m = dd1["methods"]
+        m, n = dd1["methods"], _n_samples(dd1)
         fid = next(k for k in m["teacher"] if k.startswith("fid_"))
         mixed = next((k for k in m if k.startswith("dd1 mixed")), None)
         rows.append([fam, f"{pairs['n_pairs']:,}", f"{pairs['build_seconds'] / 60:.1f}",
@@ -83,18 +87,18 @@ def _dd1_table(metrics_dir: Path) -> list[str]:
         return []
     head = ["family", "pairs", "pairs min", "DD1 train min", f"{fid} teacher (steps)", "onestep*", "DD1 1-step",
             "DD1 2-step", "teacher-mixed (steps)", "class acc 1-step", "speed-up 1-step (batch 1, tokens)"]
-    return ["", f"**DD1** (`build_trajectories`, `train_dd1`; {fid} of 1,000 samples, same labels for every method):",
+    return ["", f"**DD1** (`build_trajectories`, `train_dd1`; {fid} of {n} samples, same labels for every method):",
             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
             *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
 
 
 def _dd2_table(metrics_dir: Path) -> list[str]:
-    rows, fid = [], None
+    rows, fid, n = [], None, "1,000"
     for fam in ("llamagen", "var"):
         d = _read(metrics_dir, f"train_dd2_{fam}")
         if not d:
             continue
-        m, c = d["methods"], d["cost_seconds"]
+        m, c, n = d["methods"], d["cost_seconds"], _n_samples(d)
         fid = next(k for k in m["teacher"] if k.startswith("fid_"))
         multi = [k for k in m if k.startswith("dd2 ") and k != "dd2 1-step"]
         rows.append([fam, _fmt(m["teacher"][fid]), _fmt(m["dd1 1-step"][fid]),
@@ -107,7 +111,8 @@ def _dd2_table(metrics_dir: Path) -> list[str]:
     head = ["family", f"{fid} teacher", "DD1 1-step", "AR-diffusion (evals)", "DD2 1-step", "DD2 k-step (steps)",
             "teacher → DD1 gap closed", "class acc DD2 1-step", "speed-up 1-step (batch 1, tokens)",
             "train min DD2 / DD1"]
-    return ["", f"**DD2** (`train_dd2`; {fid} of 1,000 samples, same labels as above; DD1's cost = pairs + training):",
+    return ["", f"**DD2** (`train_dd2`; {fid} of {n} samples, the AR-diffusion model's of its first "
+                f"{m['ar-diffusion'].get('n', n)}; same labels as above; DD1's cost = pairs + training):",
             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
             *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
 
