@@ -35,6 +35,7 @@ References:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -253,8 +254,9 @@ def dd1_loss(model: DD1Model, batch: dict, codebook: torch.Tensor, ends: list[in
 
 
 def loss_fn(codebook: torch.Tensor, ends: list[int], **kw):
-    """`loss_fn(model, batch)` for `train.fit`: `dd1_loss` with these arguments bound."""
-    return lambda model, batch: dd1_loss(model, batch, codebook, ends, **kw)
+    """`loss_fn(model, batch)` for `train.fit`: `dd1_loss` with these arguments bound (picklable for `dd.launch`
+    when decode_fn is)."""
+    return functools.partial(dd1_loss, codebook=codebook, ends=ends, **kw)
 
 
 # ---- sampling ----------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ References:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -54,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import dd1, flow, io, llamagen, metrics, train, var
+from . import dd1, dist, flow, io, llamagen, metrics, train, var
 from .trajectories import step_ends
 
 T_EPS = 1e-3  # GTS / FCS times are drawn from [T_EPS, 1 − T_EPS]: the closed-form velocity is exact there
@@ -341,35 +342,49 @@ class ARDiffusion(nn.Module):
         return self.head(x.reshape(-1, self.D), t.reshape(-1), f.reshape(-1, f.shape[-1])).view(x.shape)
 
 
-def _noised(z: torch.Tensor, lo: float, hi: float):
-    """Per-token t ~ U[lo, hi] [B, L] and eps; → (t, eps, x_t = (1 − t) eps + t z)."""
-    t = lo + (hi - lo) * torch.rand(z.shape[:-1], device=z.device, dtype=z.dtype)
-    eps = torch.randn_like(z)
+def _noised(z: torch.Tensor, lo: float, hi: float, share: tuple[int, int] = (0, 1)):
+    """Per-token t ~ U[lo, hi] [B, L] and eps; → (t, eps, x_t = (1 − t) eps + t z).
+
+    share = (rank, world): z holds rows rank::world of a global batch of B · world rows; every process draws the
+    global batch's (t, eps) and keeps its rows, so several processes see the random numbers of one (`_rows`)."""
+    rank, world = share
+    if world == 1:
+        t = lo + (hi - lo) * torch.rand(z.shape[:-1], device=z.device, dtype=z.dtype)
+        eps = torch.randn_like(z)
+    else:
+        full = (z.shape[0] * world, *z.shape[1:])
+        t = (lo + (hi - lo) * torch.rand(full[:-1], device=z.device, dtype=z.dtype))[rank::world]
+        eps = torch.randn(full, device=z.device, dtype=z.dtype)[rank::world]
     return t, eps, (1 - t[..., None]) * eps + t[..., None] * z
+
+
+def _rows(x: torch.Tensor, share: tuple[int, int]) -> torch.Tensor:
+    """This process's rows rank::world of a global batch drawn identically by every process."""
+    return x[share[0]::share[1]]
 
 
 def gts_loss(teacher, tok, codebook: torch.Tensor, sampling, n_noise: int = 4):
     """loss_fn(model, {"tokens", "labels"}) for `train.fit`: the ground-truth-score loss (DD2 Eq. 6) in velocity
     form, ‖v_ψ(x_t, t, f_i) − v_Φ(x_t, t | q_<i)‖² averaged over positions and n_noise draws of (t, eps) per
     sequence (the backbone features are shared by the draws), v_Φ the closed-form velocity of the teacher's
-    guided, filtered conditional (`teacher_logp`) on teacher samples."""
+    guided, filtered conditional (`teacher_logp`) on teacher samples. Picklable (`dd.launch`)."""
+    return functools.partial(_gts, teacher, tok, codebook, sampling, n_noise)
+
+
+def _gts(teacher, tok, codebook, sampling, n_noise, model, batch):
     V, D = codebook.shape
-
-    def loss(model, batch):
-        z, labels = codebook[batch["tokens"]], batch["labels"]
+    z, labels = codebook[batch["tokens"]], batch["labels"]
+    with torch.no_grad():
+        logp = teacher_logp(teacher, tok, z, labels, sampling).reshape(-1, V)
+    f = model.features(seq_input(tok, z), labels)
+    total = 0.0
+    for _ in range(n_noise):
+        t, _, x = _noised(z, T_EPS, 1 - T_EPS)
         with torch.no_grad():
-            logp = teacher_logp(teacher, tok, z, labels, sampling).reshape(-1, V)
-        f = model.features(seq_input(tok, z), labels)
-        total = 0.0
-        for _ in range(n_noise):
-            t, _, x = _noised(z, T_EPS, 1 - T_EPS)
-            with torch.no_grad():
-                target = flow.velocity(x.reshape(-1, D), t.reshape(-1), logp, codebook).view(x.shape)
-            total = total + F.mse_loss(model.velocity(x, t, f), target)
-        total = total / n_noise
-        return total, {"gts": total.item()}
-
-    return loss
+            target = flow.velocity(x.reshape(-1, D), t.reshape(-1), logp, codebook).view(x.shape)
+        total = total + F.mse_loss(model.velocity(x, t, f), target)
+    total = total / n_noise
+    return total, {"gts": total.item()}
 
 
 @torch.no_grad()
@@ -400,27 +415,30 @@ def generate(gen: ARDiffusion, tok, eps: torch.Tensor, labels: torch.Tensor) -> 
     return eps + gen.velocity(eps, 0.0, f)
 
 
-def fcs_loss(guide: ARDiffusion, tok, z: torch.Tensor, labels: torch.Tensor, n_noise: int = 4) -> torch.Tensor:
+def fcs_loss(guide: ARDiffusion, tok, z: torch.Tensor, labels: torch.Tensor, n_noise: int = 4,
+             share: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Fake-score loss (DD2 Eq. 5, velocity form): ψ regresses the velocity z − eps of the generator's detached
-    samples z [B, L, D] at x_t = (1 − t) eps + t z, n_noise draws per sequence sharing the backbone pass."""
+    samples z [B, L, D] at x_t = (1 − t) eps + t z, n_noise draws per sequence sharing the backbone pass.
+    share: (rank, world) of a data-parallel run (`_noised`)."""
     f = guide.features(seq_input(tok, z), labels)
     total = 0.0
     for _ in range(n_noise):
-        t, eps, x = _noised(z, T_EPS, 1 - T_EPS)
+        t, eps, x = _noised(z, T_EPS, 1 - T_EPS, share)
         total = total + F.mse_loss(guide.velocity(x, t, f), z - eps)
     return total / n_noise
 
 
 def csd_loss(z: torch.Tensor, logp: torch.Tensor, guide: ARDiffusion, f_guide: torch.Tensor, codebook: torch.Tensor,
-             t_min: float = 0.02, t_max: float = 0.98) -> tuple[torch.Tensor, dict]:
+             t_min: float = 0.02, t_max: float = 0.98, share: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict]:
     """Conditional score distillation (DD2 Eq. 4, SiD form with α = 1) for generator samples z [B, L, D] (with
     gradient). logp [B, L, V]: the teacher's conditionals given sg(z_<i); f_guide [B, L, dim]: ψ's features of
     sg(z) (both computed without gradient: the prefix stop-gradient). Per token t ~ U[t_min, t_max], x_t =
     (1 − t) eps + t z;  m_Φ = E_Φ[c | x_t] (closed form), m_ψ = x_t + (1 − t) v_ψ(x_t, t, f_i) (ψ's weights frozen,
     the gradient flows through x_t);  loss = mean_i ω_i (m_Φ − m_ψ)·(m_ψ − z_i), ω_i = 1 / mean_D |z_i − m_Φ|
-    (no gradient). In x̂0 form the paper's t_DD2 = 1 − t and α_t = 1 − t_DD2 = t: the same expression."""
+    (no gradient). In x̂0 form the paper's t_DD2 = 1 − t and α_t = 1 − t_DD2 = t: the same expression.
+    share: (rank, world) of a data-parallel run (`_noised`)."""
     B, L, D = z.shape
-    t, _, x = _noised(z, t_min, t_max)
+    t, _, x = _noised(z, t_min, t_max, share)
     m_real = flow.posterior_mean(x.reshape(-1, D), t.reshape(-1), logp.reshape(B * L, -1), codebook).view(B, L, D)
     m_fake = flow.mean_from_velocity(x.reshape(-1, D), t.reshape(-1),
                                      guide.velocity(x, t, f_guide).reshape(-1, D)).view(B, L, D)
@@ -450,6 +468,7 @@ class DistillConfig:
     ckpt_every: int = 50
     log_every: int = 5
     seed: int = 0
+    precision: str = "fp32"       # "bf16": networks under bf16 autocast (the closed-form teacher posterior stays fp32)
 
 
 def _warm(lr: float, step: int, warmup: int) -> float:
@@ -463,12 +482,23 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
     holds both models, the generator's EMA, both optimizers, the step, the history and the RNG state, so an
     interrupted run resumes exactly; a non-finite loss raises `train.TrainingDiverged` naming the step and the
     last good checkpoint. on_step(step, ema), when given, runs after every generator update (e.g. a quality
-    curve; it must not draw from the global RNG). Returns {"history", "ema", "resumed_from", "aligned"}."""
+    curve; it must not draw from the global RNG). Returns {"history", "ema", "resumed_from", "aligned"}.
+
+    Under torchrun (`dd.dist`, `dd.launch`) every process takes rows rank::world of each global batch (labels,
+    noise and the losses' (t, eps) drawn for the whole batch from the same seed on every process), gradients are
+    averaged before each update, rank 0 writes the checkpoints and runs on_step: the result equals one process's
+    at the same batch_size up to floating-point summation order, and a checkpoint resumes on any process count."""
     device = torch.device(device)
     ckpt_path = Path(ckpt_path)
+    world = dist.world()
+    if cfg.batch_size % world:
+        raise ValueError(f"distill: batch_size {cfg.batch_size} does not split evenly across {world} processes")
+    share = (dist.rank(), world)
     torch.manual_seed(cfg.seed)
     gen.to(device).train()
     guide.to(device).train()
+    dist.broadcast_module(gen)
+    dist.broadcast_module(guide)
     teacher.to(device).eval().requires_grad_(False)
     codebook = codebook.to(device)
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
@@ -489,13 +519,21 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
     resumed_from = step
 
     def save():
-        io.save_checkpoint(ckpt_path, {
-            "gen": gen.state_dict(), "guide": guide.state_dict(), "ema": ema.state_dict(),
-            "opt_gen": opt_g.state_dict(), "opt_guide": opt_f.state_dict(), "step": step, "n_guide": n_guide,
-            "history": history, "aligned": aligned, "rng": train._rng_state(), "fingerprint": fingerprint})
+        if dist.is_main():  # every process holds the same weights and RNG state
+            io.save_checkpoint(ckpt_path, {
+                "gen": gen.state_dict(), "guide": guide.state_dict(), "ema": ema.state_dict(),
+                "opt_gen": opt_g.state_dict(), "opt_guide": opt_f.state_dict(), "step": step, "n_guide": n_guide,
+                "history": history, "aligned": aligned, "rng": train._rng_state(), "fingerprint": fingerprint})
+        dist.barrier()
+
+    def labels_draw():
+        return _rows(torch.randint(num_classes, (cfg.batch_size,), device=device), share)
+
+    def noise_draw():
+        return _rows(torch.randn(cfg.batch_size, gen.L, gen.D, device=device), share)
 
     def check(loss, what):
-        if not torch.isfinite(loss):
+        if not (torch.isfinite(loss) if world == 1 else dist.mean(torch.isfinite(loss).float()) == 1):
             last = f"{ckpt_path} (step {io.load_checkpoint(ckpt_path)['step']})" \
                 if ckpt_path.is_file() else "none written yet"
             raise train.TrainingDiverged(f"{desc}: {what} loss is {loss.item()} at generator step {step}; "
@@ -503,39 +541,47 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
 
     def guide_update(labels):
         nonlocal n_guide
-        with torch.no_grad():
-            z = generate(gen, tok, torch.randn(len(labels), gen.L, gen.D, device=device), labels)
-        loss = fcs_loss(guide, tok, z, labels, cfg.n_noise)
+        with torch.no_grad(), autocast():
+            z = generate(gen, tok, noise_draw(), labels).float()
+        with autocast():
+            loss = fcs_loss(guide, tok, z, labels, cfg.n_noise, share)
         check(loss, "guidance (FCS)")
         for group in opt_f.param_groups:
             group["lr"] = _warm(cfg.lr_guide, n_guide, cfg.warmup_steps)
         opt_f.zero_grad(set_to_none=True)
         loss.backward()
+        dist.average_gradients(list(guide.parameters()))
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(guide.parameters(), cfg.grad_clip)
         opt_f.step()
         n_guide += 1
         return loss.item()
 
-    bar = tqdm(total=cfg.n_steps, initial=step, desc=desc, mininterval=2.0)
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    main = dist.is_main()
+    bar = tqdm(total=cfg.n_steps, initial=step, desc=desc, mininterval=2.0, disable=not main)
     while step < cfg.n_steps:
         guide.requires_grad_(True)
         if cfg.align_at and step == cfg.align_at and not aligned:
             gen.load_state_dict(ema.state_dict())  # performance alignment: G ← EMA, then ψ catches up alone
-            for _ in tqdm(range(cfg.align_steps), desc=f"{desc} alignment", mininterval=2.0, leave=False):
-                guide_update(torch.randint(num_classes, (cfg.batch_size,), device=device))
+            for _ in tqdm(range(cfg.align_steps), desc=f"{desc} alignment", mininterval=2.0, leave=False,
+                          disable=not main):
+                guide_update(labels_draw())
             aligned = True
             save()
         k = cfg.k_after if aligned else cfg.k_guide
-        labels = torch.randint(num_classes, (cfg.batch_size,), device=device)
+        labels = labels_draw()
         fcs = sum(guide_update(labels) for _ in range(k)) / max(k, 1)
         guide.requires_grad_(False)  # frozen for the generator's update; gradients still flow through its input
-        z = generate(gen, tok, torch.randn(cfg.batch_size, gen.L, gen.D, device=device), labels)
-        with torch.no_grad():
-            zc = z.detach()
-            logp = teacher_logp(teacher, tok, zc, labels, sampling)
-            f_guide = guide.features(seq_input(tok, zc), labels)
-        loss, logs = csd_loss(z, logp, guide, f_guide, codebook, cfg.t_min, cfg.t_max)
+        with autocast():
+            z = generate(gen, tok, noise_draw(), labels).float()
+            with torch.no_grad():
+                zc = z.detach()
+                logp = teacher_logp(teacher, tok, zc, labels, sampling).float()
+                f_guide = guide.features(seq_input(tok, zc), labels)
+            loss, logs = csd_loss(z, logp, guide, f_guide, codebook, cfg.t_min, cfg.t_max, share)
         check(loss, "generator (CSD)")
         for group in opt_g.param_groups:
             group["lr"] = _warm(cfg.lr_gen, step, cfg.warmup_steps)
@@ -544,18 +590,22 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
         for p in gen.parameters():  # SiD / DMD2: a rare non-finite gradient entry must not poison the weights
             if p.grad is not None:
                 torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+        dist.average_gradients([p for p in gen.parameters() if p.requires_grad])
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
         opt_g.step()
         train.ema_update(ema, gen, min(cfg.ema_max, (step + 1) / (step + 10)))
         step += 1
         if step % cfg.log_every == 0 or step == cfg.n_steps:
+            if world > 1:  # the global batch's means
+                fcs, *vals = dist.mean(torch.tensor([fcs, *logs.values()], dtype=torch.float64)).tolist()
+                logs = dict(zip(logs, vals))
             history.append({"step": step, "fcs": fcs, **logs, "lr_gen": opt_g.param_groups[0]["lr"],
                             "guide_updates": n_guide})
             bar.set_postfix(csd=f"{logs['csd']:.4f}", fcs=f"{fcs:.4f}")
         if step % cfg.ckpt_every == 0 or step == cfg.n_steps:
             save()
-        if on_step is not None:
+        if on_step is not None and main:
             on_step(step, ema)
         bar.update(1)
     bar.close()

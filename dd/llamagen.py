@@ -23,6 +23,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -198,8 +199,12 @@ class VectorQuantizer(nn.Module):
         """Update the ring buffer and code ages with the indices of one training batch; returns usage in [0,1]."""
         flat = idx.flatten()[-self.codebook_used.numel():].to(self.codebook_used.dtype)
         self.codebook_used.copy_(torch.cat([self.codebook_used[flat.numel():], flat]))
+        hit = torch.zeros_like(self.code_age)
+        hit[idx.flatten()] = 1
+        if dist.is_available() and dist.is_initialized():  # codes hit anywhere in the global batch: every rank
+            dist.all_reduce(hit, op=dist.ReduceOp.MAX)      # then ages and restarts the same codes
         self.code_age += 1
-        self.code_age[idx.flatten()] = 0
+        self.code_age[hit.bool()] = 0
         return self.codebook_used.unique().numel() / self.embedding.num_embeddings
 
     @torch.no_grad()
@@ -214,7 +219,10 @@ class VectorQuantizer(nn.Module):
         pick = torch.randperm(pool.shape[0], device=pool.device)[: dead.numel()]
         if pick.numel() < dead.numel():  # fewer batch vectors than dead codes: sample with replacement
             pick = torch.randint(pool.shape[0], (dead.numel(),), device=pool.device)
-        self.embedding.weight[dead] = pool[pick].to(self.embedding.weight.dtype)
+        new = pool[pick].to(self.embedding.weight.dtype)
+        if dist.is_available() and dist.is_initialized():  # parameters edited in place: every rank takes rank 0's
+            dist.broadcast(new, 0)
+        self.embedding.weight[dead] = new
         self.code_age[dead] = 0
         return dead.numel()
 

@@ -49,6 +49,15 @@ class Base:
 
 
 @dataclass(frozen=True)
+class Runtime:
+    nproc: int = num(1, "processes the training stages run on (> 1: torchrun on this machine, gloo on CPU, one GPU "
+                        "per process with NCCL; every batch size must split evenly)", lo=1)
+    precision: str = choice("fp32", ("fp32", "bf16"), "autocast of the AR networks' training (teachers, DD1, DD2); "
+                            "tokenizers, the feature classifier and the closed-form flow stay fp32")
+    torch_compile: bool = _spec(False, "torch.compile the training losses of the AR networks")
+
+
+@dataclass(frozen=True)
 class Prepare:
     dataset: str = choice("fashion-mnist", ("fashion-mnist", "mnist5k", "imagefolder"), "which dataset")
     image_size: int = num(32, "side of the stored square images (MNIST-like data is padded to it)", lo=8, hi=1024)
@@ -245,7 +254,7 @@ class Evaluate:
 
 
 SECTIONS: dict[str, type | dict] = {
-    "base": Base, "prepare": Prepare, "features": Features,
+    "base": Base, "runtime": Runtime, "prepare": Prepare, "features": Features,
     "teacher": {"llamagen": Teacher, "var": TeacherVar},
     "train_tokenizer": {"llamagen": TrainTokenizerLlamaGen, "var": TrainTokenizerVar},
     "train_teacher": {"llamagen": TrainTeacherLlamaGen, "var": TrainTeacherVar},

@@ -14,6 +14,7 @@ References:
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -79,8 +80,8 @@ class LlamaGen:
 
     @staticmethod
     def teacher_loss_fn(tok):
-        """loss_fn(model, {"tokens", "labels"}) for `train.fit`."""
-        return lambda model, batch: model.loss(batch["tokens"], batch["labels"])
+        """loss_fn(model, {"tokens", "labels"}) for `train.fit` (picklable: `dd.launch`)."""
+        return _gpt_loss
 
     @staticmethod
     def ar_steps(teacher) -> int:
@@ -160,16 +161,10 @@ class VAR:
 
     @staticmethod
     def teacher_loss_fn(tok):
-        """loss_fn(model, {"tokens", "labels"}): the frozen VQVAE builds VAR's next-scale inputs per batch."""
+        """loss_fn(model, {"tokens", "labels"}): the frozen VQVAE builds VAR's next-scale inputs per batch
+        (picklable: `dd.launch`)."""
         tok.eval()
-
-        def loss(model, batch):
-            idx = VAR.split(tok, batch["tokens"])
-            with torch.no_grad():
-                x_in = tok.to(batch["tokens"].device).teacher_forcing_input(idx)
-            return model.loss(idx, batch["labels"], x_in)
-
-        return loss
+        return functools.partial(_var_loss, tok)
 
     @staticmethod
     def ar_steps(teacher) -> int:
@@ -207,6 +202,17 @@ def nll(fam, tok, teacher, tokens: torch.Tensor, labels: torch.Tensor, batch_siz
         t, y = tokens[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
         total += F.cross_entropy(fam.logits(tok, teacher, t, y).flatten(0, 1), t.flatten(), reduction="sum").item()
     return total / tokens.numel()
+
+
+def _gpt_loss(model, batch):
+    return model.loss(batch["tokens"], batch["labels"])
+
+
+def _var_loss(tok, model, batch):
+    idx = VAR.split(tok, batch["tokens"])
+    with torch.no_grad():
+        x_in = tok.to(batch["tokens"].device).teacher_forcing_input(idx)
+    return model.loss(idx, batch["labels"], x_in)
 
 
 FAMILIES = {"llamagen": LlamaGen, "var": VAR}

@@ -47,6 +47,8 @@ class FitConfig:
     ckpt_every: int = 100         # steps between checkpoints (and one at the end)
     log_every: int = 10
     seed: int = 0
+    precision: str = "fp32"       # "bf16": the loss runs under bf16 autocast (weights, optimizer and EMA stay fp32)
+    torch_compile: bool = False   # torch.compile the loss function (model calls included)
 
 
 def lr_at(step: int, cfg: FitConfig) -> float:
@@ -132,6 +134,9 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
     resumed_from = step
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"fit: precision must be fp32 or bf16, got {cfg.precision!r}")
+    compute = torch.compile(loss_fn) if cfg.torch_compile else loss_fn
 
     def save():
         rng = dist.gather(_rng_state())  # every rank takes part; rank 0 writes
@@ -149,7 +154,8 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        out = loss_fn(model, batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = compute(model, batch)
         loss, logs = out if isinstance(out, tuple) else (out, {})
         if not (torch.isfinite(loss) if world == 1 else dist.mean(torch.isfinite(loss).float()) == 1):
             last = f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=True)['step']})" \

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import flow, io
+from . import dist, flow, io
 
 SHARD = "pairs_{:05d}.safetensors"
 
@@ -79,17 +79,21 @@ def build_shard(fam, tok, teacher, sampling, index: int, size: int, num_classes:
 
 
 def build(folder: str | Path, fam, tok, teacher, sampling, n_pairs: int, shard_size: int, num_classes: int,
-          seed: int, n_steps: int, batch_size: int, device="cpu", rank: int = 0, world: int = 1,
-          fingerprint: dict | None = None) -> list[Path]:
-    """Write the shards of this rank (index ≡ rank mod world) that are not on disk yet.
+          seed: int, n_steps: int, batch_size: int, device="cpu", rank: int | None = None, world: int | None = None,
+          fingerprint: dict | None = None) -> dict:
+    """Write the shards of this rank (index ≡ rank mod world) that are not on disk yet. rank / world default to the
+    process group's (`dd.dist`: under torchrun / `dd.launch` every process builds its share, then waits for all).
 
-    Returns {"shards": this rank's shard paths, "built_pairs": pairs built by this call (0 when all were on disk)}.
+    Returns {"shards": every shard path of the build, "built_pairs": pairs built by this call on all processes
+    (0 when all were on disk)}.
 
     fingerprint: what the shards depend on (settings, teacher checksum); shards left by a build with another
     fingerprint (`build.json`) are deleted first, so a resumed build never mixes two configurations.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    rank = dist.rank() if rank is None else rank
+    world = dist.world() if world is None else world
     stamp = folder / "build.json"
     if fingerprint is not None:
         fingerprint = json.loads(json.dumps(fingerprint))  # the form it has once read back
@@ -100,6 +104,7 @@ def build(folder: str | Path, fam, tok, teacher, sampling, n_pairs: int, shard_s
                 f.unlink()
         if rank == 0:
             io.write_json(stamp, fingerprint)
+    dist.barrier()  # (stale shards gone before any process looks for its own)
     n_shards = -(-n_pairs // shard_size)
     mine = list(range(rank, n_shards, world))
     built = 0
@@ -111,7 +116,8 @@ def build(folder: str | Path, fam, tok, teacher, sampling, n_pairs: int, shard_s
         io.save_tensors(path, build_shard(fam, tok, teacher, sampling, k, size, num_classes, seed, n_steps,
                                           batch_size, device))
         built += size
-    return {"shards": [folder / SHARD.format(k) for k in mine], "built_pairs": built}
+    dist.barrier()
+    return {"shards": [folder / SHARD.format(k) for k in range(n_shards)], "built_pairs": sum(dist.gather(built))}
 
 
 def load_pairs(folder: str | Path, n_pairs: int | None = None, num_classes: int | None = None,

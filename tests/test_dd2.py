@@ -274,3 +274,16 @@ def test_dd2_generator_beats_onestep_star_on_enumerable_teacher(tmp_path):
     # distillation took the generator from the conditional means (~0.85) past onestep*'s product of marginals
     # (0.31–0.38 here, against 0.44, after 200 generator updates; it keeps improving with more)
     assert tv_dd2 < tv_init - 0.3 and tv_dd2 < tv_star - 0.03, (tv_dd2, tv_star, tv_init, tv_floor)
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_distill_under_bf16_autocast_keeps_the_flow_math_in_fp32(family, tmp_path):
+    """precision "bf16" (the GPU profile): the networks run under autocast, the teacher's closed-form posterior and
+    the losses see fp32 inputs (no dtype clash), the weights stay fp32 and finite."""
+    tok, gpt, phi, codebook = tiny_setup(family)
+    gen, guide = dd2.ARDiffusion.from_teacher(phi, 32, 1), dd2.ARDiffusion.from_teacher(phi, 32, 1)
+    cfg = dd2.DistillConfig(n_steps=2, batch_size=4, k_guide=1, log_every=1, precision="bf16")
+    out = dd2.distill(gen, guide, phi, tok, codebook, SAMPLING[family], 3, cfg, tmp_path / "bf16.pt")
+    for p in [*gen.parameters(), *guide.parameters(), *out["ema"].parameters()]:
+        assert p.dtype == torch.float32 and torch.isfinite(p).all()
+    assert len(out["history"]) == 2 and all(math.isfinite(h["csd"]) and math.isfinite(h["fcs"]) for h in out["history"])

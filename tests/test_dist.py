@@ -1,5 +1,6 @@
 """Scale-out and faults: `train.fit` under torchrun (2 gloo processes) equals one process at the same global batch,
-and a run killed with SIGKILL resumes from its last atomic checkpoint to the weights of an uninterrupted run."""
+also when launched the notebooks' way (`dd.launch.call`), and so does DD2's `distill`; a run killed with SIGKILL
+resumes from its last atomic checkpoint to the weights of an uninterrupted run."""
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +101,79 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_weights(tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k])
     assert a["history"] == b["history"]
+
+
+def _tiny_gpt(seed=0):
+    from dd import llamagen
+
+    torch.manual_seed(seed)
+    return llamagen.GPT(vocab_size=16, num_classes=3, dim=32, n_layer=2, n_head=2, grid_size=3, ffn_hidden=64,
+                        token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.0)
+
+
+def test_launch_call_trains_on_two_processes_and_hands_the_weights_back(tmp_path, monkeypatch):
+    """What the notebooks do with runtime.nproc: the same `train.fit` call pickled to 2 torchrun processes
+    (gloo) leaves the caller's model with the weights one process gives at the same global batch (tolerance 1e-5:
+    float32 summation order), the EMA and history coming back as fit's return value."""
+    from dd import launch, teachers, train
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    g = torch.Generator().manual_seed(0)
+    data = {"tokens": torch.randint(16, (64, 9), generator=g), "labels": torch.randint(3, (64,), generator=g)}
+    cfg = train.FitConfig(n_steps=6, batch_size=16, lr=3e-3, warmup_steps=2, ema_decay=0.9, ckpt_every=3,
+                          log_every=2, seed=5)
+    loss = teachers.LlamaGen.teacher_loss_fn(None)
+    runs = {}
+    for n in (1, 2):
+        model = _tiny_gpt()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res = launch.call(n, train.fit, model, loss, data, cfg, ckpt_path=tmp_path / f"n{n}" / "state.pt",
+                          device="cpu", desc=f"{n} processes")
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert not model.training  # fit's eval mode comes back with the weights
+        runs[n] = (model.state_dict(), res["ema"].state_dict(), res["history"])
+    assert not list((tmp_path / "n2").glob("*.job.pt")) and not list((tmp_path / "n2").glob("*.result.pt"))
+    _close(runs[1][0], runs[2][0], 1e-5)
+    _close(runs[1][1], runs[2][1], 1e-5)
+    assert [h["step"] for h in runs[1][2]] == [h["step"] for h in runs[2][2]]
+    for a, b in zip(runs[1][2], runs[2][2]):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+
+
+def test_launch_call_failure_names_the_job_and_keeps_it(tmp_path, monkeypatch):
+    from dd import launch, teachers, train
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    data = {"tokens": torch.randint(16, (8, 9)), "labels": torch.randint(3, (8,))}
+    cfg = train.FitConfig(n_steps=2, batch_size=3, lr=1e-3)  # 3 rows do not split across 2 processes
+    with pytest.raises(RuntimeError, match=r"fit on 2 processes failed .* kept in .*state\.job\.pt"):
+        launch.call(2, train.fit, _tiny_gpt(), teachers.LlamaGen.teacher_loss_fn(None), data, cfg,
+                    ckpt_path=tmp_path / "state.pt", device="cpu")
+    assert (tmp_path / "state.job.pt").is_file()
+
+
+def test_distill_on_two_processes_equals_one_process(tmp_path, monkeypatch):
+    """DD2's generator / guidance loop under torchrun: every process draws the global batch's labels, noise and
+    (t, eps) and keeps its rows, gradients are averaged, so 2 processes give one process's weights (tolerance
+    1e-4 after 3 generator and 6 guidance updates: float32 summation order)."""
+    from dd import dd2, launch, params
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    gpt = _tiny_gpt(1)
+    torch.manual_seed(2)
+    codebook = torch.randn(16, 4)
+    phi = dd2.ContinuousGPT.from_teacher(gpt, 4).eval()
+    init = dd2.ARDiffusion.from_teacher(phi, head_width=32, head_depth=1)
+    sampling = params.parse("sample_teacher", {"cfg_scale": 2.0, "top_k": 5}, "llamagen")
+    cfg = dd2.DistillConfig(n_steps=3, batch_size=4, k_guide=2, ckpt_every=2, log_every=1, seed=4)
+    runs = {}
+    for n in (1, 2):
+        gen, guide = dd2.ARDiffusion(**init.config), dd2.ARDiffusion(**init.config)
+        gen.load_state_dict(init.state_dict()), guide.load_state_dict(init.state_dict())
+        res = launch.call(n, dd2.distill, gen, guide, phi, None, codebook, sampling, 3, cfg,
+                          ckpt_path=tmp_path / f"n{n}" / "distill.pt", device="cpu")
+        runs[n] = (gen.state_dict(), guide.state_dict(), res["ema"].state_dict(), res["history"])
+    for a, b in zip(runs[1][:3], runs[2][:3]):
+        _close(a, b, 1e-4)
+    for a, b in zip(runs[1][3], runs[2][3]):
+        assert a["step"] == b["step"] and abs(a["csd"] - b["csd"]) < 1e-4 and abs(a["fcs"] - b["fcs"]) < 1e-4

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from dd import io
@@ -15,6 +16,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 # Toy sizes: every stage runs its real code path in seconds.
 TOY = {
+    "runtime": {"nproc": 2},  # every training stage under torchrun (2 gloo processes), as a multi-GPU run would
     "prepare": {"max_train": 1500, "max_test": 300},
     "features": {"n_steps": 40, "batch_size": 32, "width": 8, "warmup_steps": 5, "n_ref": 0},
     "train_tokenizer": {"llamagen": {"n_steps": 10, "batch_size": 8, "warmup_steps": 2, "codebook_size": 64},
@@ -91,6 +93,11 @@ def test_repro_writes_reports_data_and_metrics(toy_repo):
         assert d2["methods"]["dd2 1-step"]["steps"] == 1 and d2["methods"]["dd2 2-step"]["steps"] == 2
         assert d2["cost_seconds"]["dd2"] > 0 and d2["cost_seconds"]["dd1"] > 0 and d2["speedup_tokens_batch1"] > 0
         assert (fam == "llamagen") == ("continuous input" in d2["cost_seconds"]["dd2_parts"])
+        for stage, ckpt in (("train_tokenizer", "train_state"), ("train_teacher", "train_state"),
+                            ("train_dd1", "train_state"), ("train_dd2", "gts_full_state")):  # trained on 2 processes
+            state = torch.load(tmp / f"data/{stage}/{fam}/{ckpt}.pt", weights_only=True)
+            assert state["fingerprint"]["world"] == 2 and len(state["rng_ranks"]) == 2, (stage, fam)
+        assert not list((tmp / "data").rglob("*.job.pt"))  # launch.call cleans up after itself
         ev = io.read_json(tmp / "reports/metrics/evaluate.json")[fam]
         skip = "skip-16" if fam == "llamagen" else "skip-1"
         assert list(ev) == ["teacher", skip, "onestep*", "dd1 1-step", "dd1 2-step", next(k for k in ev if "mixed" in k),
