@@ -112,3 +112,17 @@ def test_bf16_autocast_trains_fp32_weights_close_to_fp32(tmp_path):
     with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
         train.fit(_model(), loss, data, train.FitConfig(n_steps=1, batch_size=8, lr=1e-3, precision="fp16"),
                   tmp_path / "x.pt")
+
+
+def test_torch_compile_of_the_loss_matches_eager(tmp_path):
+    """torch_compile: the loss function (model calls included) is compiled; the weights match the eager run's up to
+    the compiler's float reassociation."""
+    data, runs = _setup(), {}
+    for flag in (False, True):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))  # (no dropout: same draws either way)
+        cfg = train.FitConfig(n_steps=10, batch_size=8, lr=1e-2, seed=2, torch_compile=flag)
+        train.fit(model, _loss, data, cfg, tmp_path / f"{flag}.pt")
+        runs[flag] = model.state_dict()
+    for k in runs[False]:
+        assert torch.allclose(runs[False][k], runs[True][k], atol=1e-5), k
