@@ -347,14 +347,9 @@ def _noised(z: torch.Tensor, lo: float, hi: float, share: tuple[int, int] = (0, 
 
     share = (rank, world): z holds rows rank::world of a global batch of B · world rows; every process draws the
     global batch's (t, eps) and keeps its rows, so several processes see the random numbers of one (`_rows`)."""
-    rank, world = share
-    if world == 1:
-        t = lo + (hi - lo) * torch.rand(z.shape[:-1], device=z.device, dtype=z.dtype)
-        eps = torch.randn_like(z)
-    else:
-        full = (z.shape[0] * world, *z.shape[1:])
-        t = (lo + (hi - lo) * torch.rand(full[:-1], device=z.device, dtype=z.dtype))[rank::world]
-        eps = torch.randn(full, device=z.device, dtype=z.dtype)[rank::world]
+    full = (z.shape[0] * share[1], *z.shape[1:])
+    t = _rows(lo + (hi - lo) * torch.rand(full[:-1], device=z.device, dtype=z.dtype), share)
+    eps = _rows(torch.randn(full, device=z.device, dtype=z.dtype), share)
     return t, eps, (1 - t[..., None]) * eps + t[..., None] * z
 
 

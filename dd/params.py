@@ -54,7 +54,8 @@ class Runtime:
                         "per process with NCCL; every batch size must split evenly)", lo=1)
     precision: str = choice("fp32", ("fp32", "bf16"), "autocast of the AR networks' training (teachers, DD1, DD2); "
                             "tokenizers, the feature classifier and the closed-form flow stay fp32")
-    torch_compile: bool = _spec(False, "torch.compile the training losses of the AR networks")
+    torch_compile: bool = _spec(False, "torch.compile the loss of every stage's train.fit (DD2's distillation loop "
+                                       "runs eagerly)")
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def _n_samples(d: dict) -> str:
 
 
 def _dd1_table(metrics_dir: Path) -> list[str]:
-    rows, fid, n = [], None, "1,000"
+    rows, fid, n = [], None, None
     for fam in ("llamagen", "var"):
         pairs, dd1 = _read(metrics_dir, f"build_trajectories_{fam}"), _read(metrics_dir, f"train_dd1_{fam}")
         if not (pairs and dd1):
@@ -93,7 +93,7 @@ def _dd1_table(metrics_dir: Path) -> list[str]:
 
 
 def _dd2_table(metrics_dir: Path) -> list[str]:
-    rows, fid, n = [], None, "1,000"
+    rows, fid, n = [], None, None
     for fam in ("llamagen", "var"):
         d = _read(metrics_dir, f"train_dd2_{fam}")
         if not d:
