@@ -76,39 +76,45 @@ def teacher_speed(fam, tok, teacher, cfg, labels: torch.Tensor, big_batch: int, 
 def methods_speed(f, table: dict, big_batch: int, repeats: int = 5, seed: int = 0) -> dict:
     """Latency (seconds per image at batch 1) and throughput (images/s at big_batch) of every `dd.methods.Method` in
     table (name → method) of family f (`dd.methods.Family`), for token generation alone ("tokens") and end to end
-    with decoding ("end_to_end"): {name: {"tokens": {...}, "end_to_end": {...}}} as `latency_and_throughput`.
+    with decoding ("end_to_end"): {name: {"tokens": {...}, "end_to_end": {...}}} as `latency_and_throughput`, plus
+    "latency_rounds_s" (every batch-1 round's seconds, for the spread).
 
-    Interleaved: one warm-up call of every (method, part, batch), then `repeats` rounds that time each of them once
-    (batch 1: the second of two back-to-back calls, so that the model's weights are in cache, as when one model
-    serves requests), and the median per figure. On a shared CPU the speed of the same call drifts by tens of
-    percent over seconds; interleaving spreads every method's samples over the same window, so ratios (speed-ups)
-    are not biased by when a method happened to run."""
+    Two phases, each interleaved across methods. Batch 1 first: one warm-up call of every (method, part), then
+    `repeats` rounds that time each of them once — the second of two back-to-back calls, so that the weights are in
+    cache, as when one model serves one request after another — and the median. Then the large batch: one warm-up and
+    max(1, repeats // 10) interleaved rounds (compute-bound calls, steadier and slow). On a shared CPU the speed of
+    the same call drifts by tens of percent over seconds: interleaving spreads every method's samples over the same
+    window, so that ratios (speed-ups) are not biased by when a method happened to run, and keeping the large-batch
+    calls out of the batch-1 rounds keeps their after-effects (thread pools, caches) out of the latencies."""
     from .dd1 import decode
 
     L, D = f.shape
     labels = (torch.arange(big_batch) % f.teacher.num_classes).to(f.device)
     noise = torch.randn(big_batch, L, D, generator=torch.Generator().manual_seed(seed)).to(f.device)
-    calls = {}
-    for name, m in table.items():
-        for b in (1, big_batch):
-            calls[name, "tokens", b] = lambda m=m, b=b: m.generate(labels[:b], noise[:b], seed)
-            calls[name, "end_to_end", b] = lambda m=m, b=b: decode(f.tok, m.generate(labels[:b], noise[:b], seed)[1])
-    times = {k: [] for k in calls}
-    with torch.no_grad():
-        for fn in calls.values():
+
+    def calls(b):
+        out = {}
+        for name, m in table.items():
+            out[name, "tokens"] = lambda m=m: m.generate(labels[:b], noise[:b], seed)
+            out[name, "end_to_end"] = lambda m=m: decode(f.tok, m.generate(labels[:b], noise[:b], seed)[1])
+        return out
+
+    def rounds(cs: dict, n: int, warm: int) -> dict:
+        times = {k: [] for k in cs}
+        for fn in cs.values():
             fn()
-        for r in range(repeats):
-            for k, fn in calls.items():
-                if k[2] == 1:  # back to back, the second call timed: caches warm, as when serving one model
-                    times[k].append(time_call(fn, f.device, warmup=1, repeats=1)["median_s"])
-                elif r < max(1, repeats // 2):  # (fewer repeats of the slow, compute-bound large batches)
-                    times[k].append(time_call(fn, f.device, warmup=0, repeats=1)["median_s"])
-    out = {}
-    for name in table:
-        out[name] = {part: {"latency_s": statistics.median(times[name, part, 1]),
-                            "throughput_img_s": big_batch / statistics.median(times[name, part, big_batch]),
-                            "big_batch": big_batch} for part in ("tokens", "end_to_end")}
-    return out
+        for _ in range(n):
+            for k, fn in cs.items():
+                times[k].append(time_call(fn, f.device, warmup=warm, repeats=1)["median_s"])
+        return times
+
+    with torch.no_grad():
+        one = rounds(calls(1), repeats, warm=1)
+        big = rounds(calls(big_batch), max(1, repeats // 10), warm=0)
+    return {name: {part: {"latency_s": statistics.median(one[name, part]),
+                          "latency_rounds_s": one[name, part],
+                          "throughput_img_s": big_batch / statistics.median(big[name, part]),
+                          "big_batch": big_batch} for part in ("tokens", "end_to_end")} for name in table}
 
 
 def _method_name(method: str, steps: int | None, n_ar: int, table) -> str | None:
@@ -125,7 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--method", default="dd1", choices=("teacher", "skip", "onestep", "dd1", "mixed", "dd2"))
     ap.add_argument("--steps", type=int, default=None, help="dd1: 1 or 2; dd2: k; skip: AR steps kept")
     ap.add_argument("--batch", type=int, default=256, help="batch size of the throughput measurement")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats (median); one warm-up before them")
+    ap.add_argument("--repeats", type=int, default=10, help="timed batch-1 rounds (median; the large batch: "
+                    "repeats // 10); one warm-up before them")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -159,9 +166,11 @@ def main(argv=None) -> int:
           f"device {dev}")
     for part in ("tokens", "end_to_end"):
         s, b = speed[part], base[part]
+        paired = [tb / ts for tb, ts in zip(b["latency_rounds_s"], s["latency_rounds_s"])]
         print(f"  {part:<10} latency {s['latency_s'] * 1e3:8.2f} ms/image (batch 1, median of {args.repeats}),"
               f" throughput {s['throughput_img_s']:8.1f} images/s (batch {args.batch}),"
-              f" speed-up over the teacher {b['latency_s'] / s['latency_s']:.1f}× (batch 1),"
+              f" speed-up over the teacher {b['latency_s'] / s['latency_s']:.1f}× (batch 1; per round"
+              f" {min(paired):.1f}–{max(paired):.1f}×),"
               f" {s['throughput_img_s'] / b['throughput_img_s']:.1f}× (batch {args.batch})")
     return 0
 

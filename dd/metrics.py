@@ -185,6 +185,30 @@ def blur(images: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
+def patchwork(images: torch.Tensor, labels: torch.Tensor, patch: int, generator: torch.Generator | None = None,
+              out_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-class patchwork of real images: every patch × patch block of output image i is the same block of a random
+    image of class out_labels[i] (default: labels), drawn independently per block. It is `onestep*` applied to
+    pixels (each position from its per-class marginal, no correlation between positions), so its distance from the
+    test split shows how much a metric notices lost inter-position structure. images [N, C, H, W] (H, W multiples
+    of patch), labels [N] → [len(out_labels), C, H, W]."""
+    out_labels = labels if out_labels is None else out_labels
+    N, C, H, W = images.shape
+    if H % patch or W % patch:
+        raise ValueError(f"patchwork: image size {H}x{W} is not a multiple of patch {patch}")
+    blocks = images.unfold(2, patch, patch).unfold(3, patch, patch)  # [N, C, H/p, W/p, p, p]
+    out = torch.empty(len(out_labels), *blocks.shape[1:], dtype=images.dtype)
+    for c in out_labels.unique().tolist():
+        pool = (labels == c).nonzero().squeeze(1)
+        rows = (out_labels == c).nonzero().squeeze(1)
+        if len(pool) == 0:
+            raise ValueError(f"patchwork: no image of class {c}")
+        src = pool[torch.randint(len(pool), (len(rows), H // patch, W // patch), generator=generator)]
+        i, j = torch.meshgrid(torch.arange(H // patch), torch.arange(W // patch), indexing="ij")
+        out[rows] = blocks[src, :, i, j].permute(0, 3, 1, 2, 4, 5)  # [R, h, w, C, p, p] → [R, C, h, w, p, p]
+    return out.permute(0, 1, 2, 4, 3, 5).reshape(len(out_labels), C, H, W)
+
+
 def marginal_tv(tokens: torch.Tensor, ref_tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Per-position total variation between the token frequencies of tokens [N, L] and ref_tokens [M, L] → [L]
     (0: identical marginals; the sampling-noise floor of N draws is well above 0 for large vocabularies)."""

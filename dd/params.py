@@ -191,8 +191,8 @@ class TrainDD1:
     t_train: list = _spec([0, 16], "AR steps t of the training points X^t (0 = pure noise; the 2-step t2 belongs here)",
                           lo=0)
     t2: int = num(16, "AR steps given as data in the second step of 2-step and teacher-mixed sampling", lo=1)
-    split: int = num(16, "AR steps read from the logits head (argmax codes); later positions from the continuous head",
-                     lo=0)
+    split: int = num(16, "AR steps read from the logits head (argmax codes); later positions from the continuous head "
+                     "(all AR steps: the logits head everywhere)", lo=0)
     mixed_start: int = num(8, "teacher-mixed: the teacher redraws AR steps mixed_start .. t2-1", lo=0)
     cont_loss: str = choice("embed", ("embed", "decoded", "none"),
                             "continuous-head loss: MSE to the code vectors, pixel MSE through the decoder, or none")
@@ -249,8 +249,8 @@ class Evaluate:
     eval_batch: int = num(250, "sampling batch size", lo=1)
     skip_llamagen: list = _spec([16, 32], "skip-n baselines of the LlamaGen family: AR steps (tokens) dropped", lo=1)
     skip_var: list = _spec([1, 2], "skip-n baselines of the VAR family: AR steps (scales) dropped", lo=1)
-    latency_repeats: int = num(5, "rounds of interleaved timed calls per speed figure (median), after one warm-up",
-                               lo=1)
+    latency_repeats: int = num(10, "rounds of interleaved batch-1 timed calls (median), after one warm-up; the "
+                               "large batch is timed in max(1, repeats // 10) rounds", lo=1)
     throughput_batch: int = num(256, "batch size of the throughput measurement", lo=1)
 
 

@@ -40,7 +40,9 @@ def tables(metrics_dir: Path) -> str:
         out += ["**Evaluation feature space** (`features`): classifier held-out accuracy "
                 f"{feats['test_accuracy']:.1%} on {prep['n_test']:,} test images; `{fid}` of the test split against "
                 f"the train split {_fmt(s['train'][fid])}, its blurred copy {_fmt(s['blurred_test'][fid])}, "
-                f"noise {_fmt(s['noise'][fid])}.", ""]
+                f"noise {_fmt(s['noise'][fid])}"
+                + "".join(f"; a per-class patchwork of {p} × {p}-px blocks of train images (onestep* on pixels) "
+                          f"{_fmt(s[k][fid])}" for p in (8, 4) if (k := f"patchwork_{p}px") in s) + ".", ""]
     rows = []
     for fam in ("llamagen", "var"):
         tok, tea, smp = (_read(metrics_dir, f"{st}_{fam}") for st in ("train_tokenizer", "train_teacher", "sample_teacher"))

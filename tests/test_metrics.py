@@ -87,3 +87,24 @@ def test_marginal_tv_closed_form():
     assert torch.allclose(metrics.marginal_tv(a, b, 4), torch.tensor([1.0, 1.0], dtype=torch.float64))
     c = torch.tensor([[0, 1]])  # position 0: {0: .5, 2: .5} vs {0: 1} → .5; position 1: {1: .75, 3: .25} vs {1: 1} → .25
     assert torch.allclose(metrics.marginal_tv(a, c, 4), torch.tensor([0.5, 0.25], dtype=torch.float64))
+
+
+def test_patchwork_takes_every_block_from_an_image_of_the_same_class():
+    x = torch.arange(2 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)
+    assert torch.equal(metrics.patchwork(x, torch.tensor([0, 1]), 4), x)  # one image per class: itself
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, 8, 12, generator=g), torch.randint(3, (40,), generator=g)
+    want = torch.tensor([2, 0, 1, 1])
+    out = metrics.patchwork(x, y, 4, g, out_labels=want)
+    assert out.shape == (4, 3, 8, 12)
+    sources = set()
+    for n in range(4):
+        for i in range(2):
+            for j in range(3):
+                block = out[n, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4]
+                src = [m for m in range(40) if torch.equal(x[m, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4], block)]
+                assert src and all(y[m] == want[n] for m in src)
+                sources.update(src)
+    assert len(sources) > 6  # blocks come from many different images
+    with pytest.raises(ValueError, match="multiple of patch"):
+        metrics.patchwork(x, y, 5)

@@ -29,7 +29,9 @@ TOY = {
                        "var": {"n_samples": 20, "batch_size": 20, "latency_repeats": 1, "throughput_batch": 8}},
     "build_trajectories": {fam: {"n_pairs": 40, "shard_size": 16, "build_batch": 20, "flow_steps": 8, "n_check": 20,
                                  "convergence_steps": [4, 8]} for fam in ("llamagen", "var")},
-    "train_dd1": {fam: {"n_steps": 6, "batch_size": 8, "warmup_steps": 2, "n_eval": 20, "eval_batch": 10}
+    # (LlamaGen reads its last AR steps from the continuous head, VAR every position from the logits: both paths run)
+    "train_dd1": {fam: {"n_steps": 6, "batch_size": 8, "warmup_steps": 2, "n_eval": 20, "eval_batch": 10,
+                        **({"split": 16, "cont_loss": "embed"} if fam == "llamagen" else {})}
                   for fam in ("llamagen", "var")},
     "train_dd2": {fam: {"n_gts_samples": 40, "sample_batch": 10, "mlp_steps": 5, "adapt_steps": 2, "head_width": 16,
                         "head_depth": 1, "gts_head_steps": 3, "gts_full_steps": 2, "gts_batch": 8, "n_noise": 2,
@@ -124,5 +126,6 @@ def test_bench_entry_point_prints_the_speed_figures(toy_repo):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "llamagen / dd1 1-step" in r.stdout and r.stdout.count("latency") == 2 and "speed-up over the teacher" in r.stdout
+    assert "per round" in r.stdout
     r = subprocess.run(run + ["--method", "skip"], cwd=tmp, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "--method skip needs --steps" in r.stderr

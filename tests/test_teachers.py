@@ -88,3 +88,29 @@ def test_var_family_roundtrip(tiny_var):
     cfg = params.parse("sample_teacher", {"top_k": 4}, "var")
     s = fam.sample(tok, teacher, y, cfg, generator=torch.Generator().manual_seed(0))
     assert s.shape == t.shape and s.max() < 16
+
+
+def test_methods_speed_times_batch_one_apart_from_the_large_batch(monkeypatch):
+    from types import SimpleNamespace
+
+    from dd import dd1
+    calls = []
+
+    def method(name):
+        def generate(labels, noise, seed):
+            calls.append((name, len(labels)))
+            return labels, noise
+        return SimpleNamespace(generate=generate)
+
+    monkeypatch.setattr(dd1, "decode", lambda tok, emb: emb)
+    f = SimpleNamespace(shape=(4, 2), teacher=SimpleNamespace(num_classes=3), device=torch.device("cpu"), tok=None)
+    out = bench.methods_speed(f, {"teacher": method("teacher"), "fast": method("fast")}, big_batch=8, repeats=10)
+    sizes = [b for _, b in calls]
+    first_big = sizes.index(8)
+    assert set(sizes[:first_big]) == {1} and set(sizes[first_big:]) == {8}  # batch-1 rounds first, then batch 8
+    # batch 1: a warm-up call, then 10 rounds of two back-to-back calls, per method and part (tokens, end to end)
+    assert calls[:first_big].count(("fast", 1)) == 2 * (1 + 2 * 10)
+    assert calls[first_big:].count(("fast", 8)) == 2 * (1 + 1)  # one warm-up and 10 // 10 timed rounds
+    for part in ("tokens", "end_to_end"):
+        s = out["fast"][part]
+        assert len(s["latency_rounds_s"]) == 10 and s["latency_s"] > 0 and s["throughput_img_s"] > 0
