@@ -147,7 +147,8 @@ def _evaluate_table(metrics_dir: Path) -> list[str]:
     fid = d["fid_key"]
     head = ["family", "method", "steps", fid, "precision", "recall", "class acc", "teacher NLL bits/token",
             "params", "latency ms (batch 1, tokens / end to end)", f"images/s (batch {d.get('throughput_batch', 256)})",
-            "speed-up (batch 1, tokens / end to end)", "train min", "paper (ImageNet-256 FID, speed-up)"]
+            "speed-up (batch 1, tokens [per-round range] / end to end)", "train min",
+            "paper (ImageNet-256 FID, speed-up)"]
     rows = []
     for fam in ("llamagen", "var"):
         for name, m in d.get(fam, {}).items():
@@ -157,7 +158,9 @@ def _evaluate_table(metrics_dir: Path) -> list[str]:
                          f"{m['class_acc']:.1%}", f"{m['teacher_nll_bits']:.2f}",
                          f"{m['params_m']:.2f}M" if m["params_m"] else "–",
                          f"{m['latency_ms']:.1f} / {m['latency_e2e_ms']:.1f}", f"{m['images_per_s']:.0f}",
-                         f"{m['speedup']:.1f}× / {m['speedup_e2e']:.1f}×",
+                         f"{m['speedup']:.1f}×" + (f" [{_fmt(m['speedup_lo'])}–{_fmt(m['speedup_hi'])}]"
+                                                    if name != "teacher" and "speedup_lo" in m else "")
+                         + f" / {m['speedup_e2e']:.1f}×",
                          "–" if m.get("train_min") is None else f"{m['train_min']:.1f}", paper])
     return ["", f"**Every method side by side** (`evaluate`; {d['n_eval']:,} samples per method, the same labels and "
             f"noise; {fid} is measured in the dataset's own feature space, **not** ImageNet FID; teacher NLL: the "
