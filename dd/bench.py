@@ -117,6 +117,12 @@ def methods_speed(f, table: dict, big_batch: int, repeats: int = 5, seed: int = 
                           "big_batch": big_batch} for part in ("tokens", "end_to_end")} for name in table}
 
 
+def paired_speedups(base: dict, other: dict) -> list[float]:
+    """Per-round batch-1 speed-ups of `other` over `base`, two entries of `methods_speed` for the same part (e.g.
+    `speed["teacher"]["tokens"]`, `speed[name]["tokens"]`): base's round r seconds / other's round r seconds."""
+    return [b / o for b, o in zip(base["latency_rounds_s"], other["latency_rounds_s"])]
+
+
 def _method_name(method: str, steps: int | None, n_ar: int, table) -> str | None:
     if method == "mixed":
         return next((k for k in table if k.startswith("dd1 mixed")), None)
@@ -166,7 +172,7 @@ def main(argv=None) -> int:
           f"device {dev}")
     for part in ("tokens", "end_to_end"):
         s, b = speed[part], base[part]
-        paired = [tb / ts for tb, ts in zip(b["latency_rounds_s"], s["latency_rounds_s"])]
+        paired = paired_speedups(b, s)
         print(f"  {part:<10} latency {s['latency_s'] * 1e3:8.2f} ms/image (batch 1, median of {args.repeats}),"
               f" throughput {s['throughput_img_s']:8.1f} images/s (batch {args.batch}),"
               f" speed-up over the teacher {b['latency_s'] / s['latency_s']:.1f}× (batch 1; per round"

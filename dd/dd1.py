@@ -175,9 +175,10 @@ class DD1Model(nn.Module):
             self._rope = llamagen.rope_2d(self.grid_size, c["dim"] // c["n_head"], c["rope_base"]).to(device)
         return self._rope
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, t, continuous: bool = True):
         """x = X^t [B, L, D], labels [B], t int | LongTensor [B] (AR steps given as data)
-        → (logits [B, L, V] fp32, continuous [B, L, D]); position i is a prediction of token i."""
+        → (logits [B, L, V] fp32, continuous [B, L, D], or None when `continuous` is False: sampling that reads no
+        position from the continuous head skips it); position i is a prediction of token i."""
         B = x.shape[0]
         if x.dim() != 3 or x.shape[1:] != (self.L, self.D) or labels.shape != (B,):
             raise ValueError(f"DD1Model: expected x [B, {self.L}, {self.D}] and labels [B], got {tuple(x.shape)} "
@@ -186,19 +187,21 @@ class DD1Model(nn.Module):
         nd = torch.arange(self.L + 1, device=x.device)[None] <= n_data(t, self.ends)[:, None]  # [B, L + 1]
         nd = self.n_d_embed(nd.long())  # [B, L + 1, dim]; slot 0 (class / start) always counts as data
         if self.family == "llamagen":
-            return self._forward_llamagen(x, labels, nd)
-        return self._forward_var(x, labels, nd)
+            return self._forward_llamagen(x, labels, nd, continuous)
+        return self._forward_var(x, labels, nd, continuous)
 
-    def _forward_llamagen(self, x, labels, nd):
+    def _forward_llamagen(self, x, labels, nd, continuous):
         cond = self.cls_embedding(labels)  # [B, 1, dim]
         h = torch.cat([cond, self.tok_embeddings(x)], 1) + nd  # [B, L + 1, dim]
         rope = self.rope(x.device)  # [L + 1, hd/2, 2]; zero row for the class slot, as in the teacher
         for layer in self.layers:
             h = layer(h, rope)  # causal over the L + 1 slots
         logits = self.output(self.norm(h)).float()[:, 1:]  # [B, L, V]
+        if not continuous:
+            return logits, None
         return logits, self.final_layer_conti(h, cond[:, 0])[:, 1:]  # continuous head reads h before the norm
 
-    def _forward_var(self, x, labels, nd):
+    def _forward_var(self, x, labels, nd, continuous):
         cond = self.class_emb(labels)  # [B, C]
         sos = cond[:, None] + self.pos_start  # [B, 1, C]
         h = torch.cat([sos, self.word_embed(x.float())], 1) + self.lvl_embed(self.lvl_1L) + self.pos_1LC + nd
@@ -206,7 +209,7 @@ class DD1Model(nn.Module):
             h = _var_block(block, h, cond, self.attn_bias_for_masking, proj(nd))
         h = h + self.layerwise_n_d_embed[-1](nd)  # the last projection feeds both heads
         logits = self.head(self.head_nm(h.float(), cond)).float()[:, 1:]  # [B, L, V]
-        return logits, self.final_layer_conti(h, cond)[:, 1:]
+        return logits, (self.final_layer_conti(h, cond)[:, 1:] if continuous else None)
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
@@ -280,17 +283,23 @@ def sample(model: DD1Model, noise: torch.Tensor, labels: torch.Tensor, codebook:
         raise ValueError(f"sample: t_list starts at {t_list[0]} > 0, which needs a data prefix `tokens`")
     cb = codebook.to(noise)
     late = torch.arange(L, device=noise.device) >= (L if split is None else ([0, *ends])[split])  # [L]
+    reads_cont = split is not None and split < len(ends)  # some position comes from the continuous head
     tokens = torch.zeros(B, L, dtype=torch.long, device=noise.device) if tokens is None else tokens.clone()
     x = cb[tokens]
     for t in t_list:
         t = _steps(t, B, noise.device)
         x_t = perturb(x, noise, t, ends)
-        logits, cont = model(x_t, labels, t)
+        logits, cont = model(x_t, labels, t, continuous=reads_cont)
         idx = logits.argmax(-1)  # [B, L]
-        near = flow.nearest_code(cont.reshape(-1, cont.shape[-1]), cb).view(B, L)
         keep = data_mask(t, ends)  # the data prefix is copied, not re-predicted
-        tokens = torch.where(keep, tokens, torch.where(late, near, idx))
-        x = torch.where(keep[..., None], x_t, torch.where(late[:, None], cont.to(cb.dtype), cb[idx]))
+        if reads_cont:
+            near = flow.nearest_code(cont.reshape(-1, cont.shape[-1]), cb).view(B, L)
+            idx = torch.where(late, near, idx)
+            pred = torch.where(late[:, None], cont.to(cb.dtype), cb[idx])
+        else:
+            pred = cb[idx]
+        tokens = torch.where(keep, tokens, idx)
+        x = torch.where(keep[..., None], x_t, pred)
     return tokens, x
 
 

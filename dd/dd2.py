@@ -121,14 +121,15 @@ def fit_input_mlp(model: ContinuousGPT, table: torch.Tensor, codebook: torch.Ten
     table, codebook = table.detach().to(codebook), codebook.detach()
     opt = torch.optim.Adam(model.tok_mlp.parameters(), lr=lr)
     losses = []
-    for step in tqdm(range(n_steps), desc=desc, mininterval=2.0):
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / n_steps))
-        loss = F.mse_loss(model.tok_mlp(codebook), table)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    with train.deterministic(codebook.device):
+        for step in tqdm(range(n_steps), desc=desc, mininterval=2.0):
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / n_steps))
+            loss = F.mse_loss(model.tok_mlp(codebook), table)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
     return losses
 
 
@@ -556,54 +557,55 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     main = dist.is_main()
-    bar = tqdm(total=cfg.n_steps, initial=step, desc=desc, mininterval=2.0, disable=not main)
-    while step < cfg.n_steps:
-        guide.requires_grad_(True)
-        if cfg.align_at and step == cfg.align_at and not aligned:
-            gen.load_state_dict(ema.state_dict())  # performance alignment: G ← EMA, then ψ catches up alone
-            for _ in tqdm(range(cfg.align_steps), desc=f"{desc} alignment", mininterval=2.0, leave=False,
-                          disable=not main):
-                guide_update(labels_draw())
-            aligned = True
-            save()
-        k = cfg.k_after if aligned else cfg.k_guide
-        labels = labels_draw()
-        fcs = sum(guide_update(labels) for _ in range(k)) / max(k, 1)
-        guide.requires_grad_(False)  # frozen for the generator's update; gradients still flow through its input
-        with autocast():
-            z = generate(gen, tok, noise_draw(), labels).float()
-            with torch.no_grad():
-                zc = z.detach()
-                logp = teacher_logp(teacher, tok, zc, labels, sampling).float()
-                f_guide = guide.features(seq_input(tok, zc), labels)
-            loss, logs = csd_loss(z, logp, guide, f_guide, codebook, cfg.t_min, cfg.t_max, share)
-        check(loss, "generator (CSD)")
-        for group in opt_g.param_groups:
-            group["lr"] = _warm(cfg.lr_gen, step, cfg.warmup_steps)
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in gen.parameters():  # SiD / DMD2: a rare non-finite gradient entry must not poison the weights
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-        dist.average_gradients([p for p in gen.parameters() if p.requires_grad])
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
-        opt_g.step()
-        train.ema_update(ema, gen, min(cfg.ema_max, (step + 1) / (step + 10)))
-        step += 1
-        if step % cfg.log_every == 0 or step == cfg.n_steps:
-            if world > 1:  # the global batch's means
-                fcs, *vals = dist.mean(torch.tensor([fcs, *logs.values()], dtype=torch.float64)).tolist()
-                logs = dict(zip(logs, vals))
-            history.append({"step": step, "fcs": fcs, **logs, "lr_gen": opt_g.param_groups[0]["lr"],
-                            "guide_updates": n_guide})
-            bar.set_postfix(csd=f"{logs['csd']:.4f}", fcs=f"{fcs:.4f}")
-        if step % cfg.ckpt_every == 0 or step == cfg.n_steps:
-            save()
-        if on_step is not None and main:
-            on_step(step, ema)
-        bar.update(1)
-    bar.close()
+    with train.deterministic(device):
+        bar = tqdm(total=cfg.n_steps, initial=step, desc=desc, mininterval=2.0, disable=not main)
+        while step < cfg.n_steps:
+            guide.requires_grad_(True)
+            if cfg.align_at and step == cfg.align_at and not aligned:
+                gen.load_state_dict(ema.state_dict())  # performance alignment: G ← EMA, then ψ catches up alone
+                for _ in tqdm(range(cfg.align_steps), desc=f"{desc} alignment", mininterval=2.0, leave=False,
+                              disable=not main):
+                    guide_update(labels_draw())
+                aligned = True
+                save()
+            k = cfg.k_after if aligned else cfg.k_guide
+            labels = labels_draw()
+            fcs = sum(guide_update(labels) for _ in range(k)) / max(k, 1)
+            guide.requires_grad_(False)  # frozen for the generator's update; gradients still flow through its input
+            with autocast():
+                z = generate(gen, tok, noise_draw(), labels).float()
+                with torch.no_grad():
+                    zc = z.detach()
+                    logp = teacher_logp(teacher, tok, zc, labels, sampling).float()
+                    f_guide = guide.features(seq_input(tok, zc), labels)
+                loss, logs = csd_loss(z, logp, guide, f_guide, codebook, cfg.t_min, cfg.t_max, share)
+            check(loss, "generator (CSD)")
+            for group in opt_g.param_groups:
+                group["lr"] = _warm(cfg.lr_gen, step, cfg.warmup_steps)
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            for p in gen.parameters():  # SiD / DMD2: a rare non-finite gradient entry must not poison the weights
+                if p.grad is not None:
+                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+            dist.average_gradients([p for p in gen.parameters() if p.requires_grad])
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
+            opt_g.step()
+            train.ema_update(ema, gen, min(cfg.ema_max, (step + 1) / (step + 10)))
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.n_steps:
+                if world > 1:  # the global batch's means
+                    fcs, *vals = dist.mean(torch.tensor([fcs, *logs.values()], dtype=torch.float64)).tolist()
+                    logs = dict(zip(logs, vals))
+                history.append({"step": step, "fcs": fcs, **logs, "lr_gen": opt_g.param_groups[0]["lr"],
+                                "guide_updates": n_guide})
+                bar.set_postfix(csd=f"{logs['csd']:.4f}", fcs=f"{fcs:.4f}")
+            if step % cfg.ckpt_every == 0 or step == cfg.n_steps:
+                save()
+            if on_step is not None and main:
+                on_step(step, ema)
+            bar.update(1)
+        bar.close()
     guide.requires_grad_(True)
     gen.eval(), guide.eval()
     return {"history": history, "ema": ema, "resumed_from": resumed_from, "aligned": aligned}

@@ -4,6 +4,8 @@
 tensors that share their first dimension. Batches are drawn from a per-epoch permutation seeded by
 `(seed, epoch)`, and the checkpoint carries model, EMA, optimizer, step, history and RNG state, so a run killed at
 any point and started again continues exactly where its last checkpoint left it.
+The loop runs with deterministic kernels (`deterministic`): the same seed on the same device gives the same
+weights from run to run (at the same thread count).
 
 Under `torchrun` (`dd.dist.init()` first), every process runs the same call: each takes its share of the same global
 batch (`batch_size` rows, split evenly by rank), gradients are averaged across processes before each optimizer
@@ -16,8 +18,10 @@ References:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -78,6 +82,27 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def deterministic(device: torch.device | str):
+    """Deterministic kernels for the duration of a training loop, the previous setting restored after.
+
+    On CPU, some backward kernels accumulate in a thread-dependent order with more than one thread (measured: the
+    LlamaGen tokenizer's training drifted between two runs from the same seed after a few steps with 2 threads, and
+    was identical with this on; about 2 % slower). On CUDA, cuBLAS needs a fixed workspace (CUBLAS_WORKSPACE_CONFIG,
+    set here unless already set, which only takes effect if no cuBLAS handle exists yet), and an op without a
+    deterministic kernel warns instead of stopping the run.
+    """
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=cuda)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 @torch.no_grad()
@@ -147,40 +172,41 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
                 **({"rng_ranks": rng} if world > 1 else {}), "fingerprint": fingerprint})
         dist.barrier()
 
-    bar = tqdm(total=cfg.n_steps, initial=step, desc=desc, mininterval=2.0, disable=not dist.is_main())
-    while step < cfg.n_steps:
-        rows = batch_indices(n, cfg.batch_size, step, cfg.seed)[rank::world]  # this rank's share
-        batch = {k: v[rows].to(device, non_blocking=True) for k, v in data.items()}
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            out = compute(model, batch)
-        loss, logs = out if isinstance(out, tuple) else (out, {})
-        if not (torch.isfinite(loss) if world == 1 else dist.mean(torch.isfinite(loss).float()) == 1):
-            last = f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=True)['step']})" \
-                if ckpt_path.is_file() else "none written yet"
-            raise TrainingDiverged(f"{desc}: loss is {loss.item()} at step {step}; last good checkpoint: {last}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        dist.average_gradients(params)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if ema is not None:
-            ema_update(ema, model, cfg.ema_decay)
-        step += 1
-        if on_step is not None:
-            on_step(model, step)
-        if step % cfg.log_every == 0 or step == cfg.n_steps:
-            keys = list(logs)
-            vals = dist.mean(torch.tensor([loss.item(), *(float(logs[k]) for k in keys)], dtype=torch.float64))
-            history.append({"step": step, "loss": vals[0].item(), "lr": lr,
-                            **{k: v.item() for k, v in zip(keys, vals[1:])}})
-            bar.set_postfix(loss=f"{vals[0].item():.4f}")
-        if step % cfg.ckpt_every == 0 or step == cfg.n_steps:
-            save()
-        bar.update(1)
-    bar.close()
+    with deterministic(device):
+        bar = tqdm(total=cfg.n_steps, initial=step, desc=desc, mininterval=2.0, disable=not dist.is_main())
+        while step < cfg.n_steps:
+            rows = batch_indices(n, cfg.batch_size, step, cfg.seed)[rank::world]  # this rank's share
+            batch = {k: v[rows].to(device, non_blocking=True) for k, v in data.items()}
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                out = compute(model, batch)
+            loss, logs = out if isinstance(out, tuple) else (out, {})
+            if not (torch.isfinite(loss) if world == 1 else dist.mean(torch.isfinite(loss).float()) == 1):
+                last = f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=True)['step']})" \
+                    if ckpt_path.is_file() else "none written yet"
+                raise TrainingDiverged(f"{desc}: loss is {loss.item()} at step {step}; last good checkpoint: {last}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            dist.average_gradients(params)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                ema_update(ema, model, cfg.ema_decay)
+            step += 1
+            if on_step is not None:
+                on_step(model, step)
+            if step % cfg.log_every == 0 or step == cfg.n_steps:
+                keys = list(logs)
+                vals = dist.mean(torch.tensor([loss.item(), *(float(logs[k]) for k in keys)], dtype=torch.float64))
+                history.append({"step": step, "loss": vals[0].item(), "lr": lr,
+                                **{k: v.item() for k, v in zip(keys, vals[1:])}})
+                bar.set_postfix(loss=f"{vals[0].item():.4f}")
+            if step % cfg.ckpt_every == 0 or step == cfg.n_steps:
+                save()
+            bar.update(1)
+        bar.close()
     model.eval()
     return {"history": history, "ema": ema, "resumed_from": resumed_from}

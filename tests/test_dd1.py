@@ -204,6 +204,9 @@ def test_two_step_sampling_renoises_with_original_noise(family):
     tok1, emb1 = dd1.sample(m, noise, y, cb, ends)  # 1 step, all positions from the logits
     logits, _ = m(noise, y, 0)
     assert torch.equal(tok1, logits.argmax(-1)) and torch.equal(emb1, cb[tok1])
+    logits_only, none = m(noise, y, 0, continuous=False)  # what sampling without the continuous head runs
+    assert none is None and torch.equal(logits_only, logits)
+    assert all(torch.equal(a, b) for a, b in zip(dd1.sample(m, noise, y, cb, ends, split=len(ends)), (tok1, emb1)))
     tok2, emb2 = dd1.sample(m, noise, y, cb, ends, t_list=(0, t2), split=t2)
     n = ends[t2 - 1]
     assert torch.equal(tok2[:, :n], tok1[:, :n]) and torch.equal(emb2[:, :n], emb1[:, :n])  # the prefix is kept

@@ -54,6 +54,27 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_fit_runs_deterministic_kernels_and_restores_the_setting(tmp_path):
+    seen = []
+
+    def record_then_stop(model, step):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        if step == 3:
+            raise KeyboardInterrupt
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(_model(), _loss, _setup(), CFG, tmp_path / "ck.pt", on_step=record_then_stop)
+    assert seen == [True] * 3 and not torch.are_deterministic_algorithms_enabled()  # restored on the way out
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with train.deterministic("cpu"):
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()  # CPU: an op without one would stop
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
     data = _setup()
     calls = {"n": 0}
