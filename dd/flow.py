@@ -39,6 +39,7 @@ import math
 import torch
 
 N_STEPS = 64  # default ODE steps of `flow_map`; see `map_convergence` and tests/test_flow.py for why it suffices
+# (up to 4096 codes; LlamaGen's 16384 × 8 normalised codebook needs 128: tests/test_flow.py, CUDA test)
 LAMBDA_RANGE = (-4.0, 10.0)  # log-SNR span of the time grid, relative to −log(codebook spread)
 T_CLAMP = 1e-6  # t and 1 − t are clamped to this where they divide (t = 0 or t = 1 exactly stays finite)
 CHUNK = 2 ** 25  # max elements of one [rows, V] block

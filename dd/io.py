@@ -90,10 +90,16 @@ def read_json(src: str | Path) -> Any:
     return json.loads(Path(src).read_text())
 
 
-def save_tensors(dest: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write a dict of tensors to one safetensors file, atomically."""
+def save_tensors(dest: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a dict of tensors to one safetensors file, atomically (metadata: strings in the file's header)."""
     with atomic_path(dest) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def tensor_metadata(src: str | Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header ({} if none)."""
+    with safe_open(str(src), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def load_tensors(src: str | Path) -> dict[str, torch.Tensor]:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import dist, flow, io
+from . import dist, flow, io, train
 
 SHARD = "pairs_{:05d}.safetensors"
 
@@ -68,13 +69,17 @@ def flow_tokens(fam, tok, teacher, labels: torch.Tensor, noise: torch.Tensor, sa
 
 def build_shard(fam, tok, teacher, sampling, index: int, size: int, num_classes: int, seed: int,
                 n_steps: int, batch_size: int, device="cpu") -> dict[str, torch.Tensor]:
-    """One shard of `size` pairs, a pure function of (seed, index): uniform labels, Gaussian noise, flow tokens."""
+    """One shard of `size` pairs, a pure function of (seed, index): uniform labels, Gaussian noise, flow tokens.
+
+    Its tokens are reproducible given the batching: on GPU the kernels depend on the batch shape, so rebuilding a
+    pair in another batch can flip a near-tied token (deterministic kernels make the same batch bit-identical)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
     dim, length = fam.codebook(tok).shape[1], step_ends(teacher)[-1]
     labels = torch.randint(num_classes, (size,), generator=g)
     noise = torch.randn(size, length, dim, generator=g)
-    tokens = torch.cat([flow_tokens(fam, tok, teacher, labels[i:i + batch_size], noise[i:i + batch_size],
-                                    sampling, n_steps, device).cpu() for i in range(0, size, batch_size)])
+    with train.deterministic(device):
+        tokens = torch.cat([flow_tokens(fam, tok, teacher, labels[i:i + batch_size], noise[i:i + batch_size],
+                                        sampling, n_steps, device).cpu() for i in range(0, size, batch_size)])
     return {"labels": labels, "tokens": tokens, "noise": noise}
 
 
@@ -85,7 +90,9 @@ def build(folder: str | Path, fam, tok, teacher, sampling, n_pairs: int, shard_s
     process group's (`dd.dist`: under torchrun / `dd.launch` every process builds its share, then waits for all).
 
     Returns {"shards": every shard path of the build, "built_pairs": pairs built by this call on all processes
-    (0 when all were on disk)}.
+    (0 when all were on disk), "build_seconds": what building every shard took, also those built by an earlier,
+    interrupted call (each shard records its seconds and process count in its header; a shard's share of the wall
+    time is seconds / processes); None if a shard has no record}.
 
     fingerprint: what the shards depend on (settings, teacher checksum); shards left by a build with another
     fingerprint (`build.json`) are deleted first, so a resumed build never mixes two configurations.
@@ -113,11 +120,25 @@ def build(folder: str | Path, fam, tok, teacher, sampling, n_pairs: int, shard_s
         if path.is_file():
             continue  # resume: each shard is written atomically, so an existing one is complete
         size = min(shard_size, n_pairs - k * shard_size)
-        io.save_tensors(path, build_shard(fam, tok, teacher, sampling, k, size, num_classes, seed, n_steps,
-                                          batch_size, device))
+        t0 = time.perf_counter()
+        shard = build_shard(fam, tok, teacher, sampling, k, size, num_classes, seed, n_steps, batch_size, device)
+        io.save_tensors(path, shard, metadata={"seconds": f"{time.perf_counter() - t0:.3f}", "processes": str(world)})
         built += size
     dist.barrier()
-    return {"shards": [folder / SHARD.format(k) for k in range(n_shards)], "built_pairs": sum(dist.gather(built))}
+    shards = [folder / SHARD.format(k) for k in range(n_shards)]
+    return {"shards": shards, "built_pairs": sum(dist.gather(built)), "build_seconds": build_seconds(shards)}
+
+
+def build_seconds(shards) -> float | None:
+    """Wall time the shards took to build, from their headers (seconds / processes each); None if one is missing
+    or has no record."""
+    total = 0.0
+    for path in shards:
+        meta = io.tensor_metadata(path) if Path(path).is_file() else {}
+        if "seconds" not in meta:
+            return None
+        total += float(meta["seconds"]) / int(meta.get("processes", 1))
+    return total
 
 
 def load_pairs(folder: str | Path, n_pairs: int | None = None, num_classes: int | None = None,

@@ -54,6 +54,31 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_interrupted_cuda_run_resumes(tmp_path):
+    """The checkpoint is read with map_location=cuda: its RNG states (CPU ByteTensors) must go back to the CPU
+    (an H100 run of the GPU profile stopped here: "RNG state must be a torch.ByteTensor")."""
+    data = _setup()
+    ref = _model()
+    train.fit(ref, _loss, data, CFG, tmp_path / "ref.pt", device="cuda")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_33(model, step):
+        if step == 33:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train.fit(_model(), _loss, data, CFG, tmp_path / "run.pt", device="cuda", on_step=kill_at_33)
+    resumed = _model()
+    out = train.fit(resumed, _loss, data, CFG, tmp_path / "run.pt", device="cuda")
+    assert out["resumed_from"] == 30
+    for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_fit_runs_deterministic_kernels_and_restores_the_setting(tmp_path):
     seen = []
 

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from dd import params, teachers, trajectories
+from dd import io, params, teachers, trajectories
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,10 @@ def test_build_drops_shards_of_other_settings_and_load_pairs_counts(tiny, tmp_pa
                                                                                "pairs_00001.safetensors"]
     again = trajectories.build(tmp_path, fam, tok, teacher, sampling, fingerprint={"flow_steps": 8}, **kw)
     assert again["built_pairs"] == 0  # same settings: resumed, nothing rebuilt
+    # ... and the time reported is still what building the shards took (recorded in each shard's header)
+    assert first["build_seconds"] > 0 and again["build_seconds"] == pytest.approx(first["build_seconds"], abs=2e-3)
+    header = io.tensor_metadata(first["shards"][0])
+    assert header["processes"] == "1" and float(header["seconds"]) > 0
     old = trajectories.load_pairs(tmp_path)
     kw["n_steps"] = 2
     other = trajectories.build(tmp_path, fam, tok, teacher, sampling, fingerprint={"flow_steps": 2}, **kw)
