@@ -33,10 +33,11 @@ def test_fit_learns_and_logs(tmp_path):
     assert out["ema"] is not None and out["resumed_from"] == 0
 
 
-def test_interrupted_run_resumes_to_identical_weights(tmp_path):
+def _interrupted_and_uninterrupted(tmp_path, device="cpu"):
+    """(uninterrupted model, model killed at step 33 and resumed, the resumed fit's result)."""
     data = _setup()
     ref = _model()
-    train.fit(ref, _loss, data, CFG, tmp_path / "ref.pt")
+    train.fit(ref, _loss, data, CFG, tmp_path / "ref.pt", device=device)
 
     class Killed(Exception):
         pass
@@ -46,9 +47,13 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        train.fit(_model(), _loss, data, CFG, tmp_path / "run.pt", on_step=kill_at_33)
+        train.fit(_model(), _loss, data, CFG, tmp_path / "run.pt", device=device, on_step=kill_at_33)
     resumed = _model()
-    out = train.fit(resumed, _loss, data, CFG, tmp_path / "run.pt")
+    return ref, resumed, train.fit(resumed, _loss, data, CFG, tmp_path / "run.pt", device=device)
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path):
+    ref, resumed, out = _interrupted_and_uninterrupted(tmp_path)
     assert out["resumed_from"] == 30
     for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
@@ -59,21 +64,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
 def test_interrupted_cuda_run_resumes(tmp_path):
     """The checkpoint is read with map_location=cuda: its RNG states (CPU ByteTensors) must go back to the CPU
     (an H100 run of the GPU profile stopped here: "RNG state must be a torch.ByteTensor")."""
-    data = _setup()
-    ref = _model()
-    train.fit(ref, _loss, data, CFG, tmp_path / "ref.pt", device="cuda")
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_33(model, step):
-        if step == 33:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train.fit(_model(), _loss, data, CFG, tmp_path / "run.pt", device="cuda", on_step=kill_at_33)
-    resumed = _model()
-    out = train.fit(resumed, _loss, data, CFG, tmp_path / "run.pt", device="cuda")
+    ref, resumed, out = _interrupted_and_uninterrupted(tmp_path, "cuda")
     assert out["resumed_from"] == 30
     for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
