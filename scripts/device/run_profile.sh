@@ -3,7 +3,8 @@
 # with .gpu/ (scripts/device/prepare_carry.sh) carried; resumable across calls while the machine stays warm:
 # finished stages are skipped, an interrupted training resumes from its checkpoint. Reports and stage times are
 # kept in /tmp/gpurep and /tmp/gpumeta; scripts/device/collect.sh packs them into $OUT.
-# usage: bash scripts/device/run_profile.sh [more-overrides.yaml ...]
+# usage: [UNTIL=<stage>[_<family>]] bash scripts/device/run_profile.sh [more-overrides.yaml ...]
+#   UNTIL stops after that stage (e.g. UNTIL=train_dd1_var: everything DD1's measurement needs, no DD2/evaluate)
 set -u
 cd "$(dirname "$0")/../.."
 if [ ! -d /tmp/site ]; then
@@ -44,5 +45,6 @@ for s in prepare features train_tokenizer:llamagen train_tokenizer:var train_tea
   if [ $rc -ne 0 ]; then echo "FAILED $name rc=$rc"; tail -30 /tmp/logs/$name.log; exit 1; fi
   echo -e "$name\t$(( (t1 - t0) / 1000000 ))" | tee -a /tmp/gpumeta/stage_ms.tsv
   touch /tmp/done/$name
+  if [ "$name" = "${UNTIL:-}" ]; then echo "STOPPED after $name (UNTIL)"; exit 0; fi
 done
 echo ALL_DONE
