@@ -1,4 +1,5 @@
 """Runs the DVC pipeline end to end at toy size in a temporary copy of the repository."""
+import json
 import os
 import shutil
 import subprocess
@@ -129,3 +130,19 @@ def test_bench_entry_point_prints_the_speed_figures(toy_repo):
     assert "per round" in r.stdout
     r = subprocess.run(run + ["--method", "skip"], cwd=tmp, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "--method skip needs --steps" in r.stderr
+
+
+def test_sensitivity_benchmark_reproduces_the_reported_distances(toy_repo):
+    tmp, env, _ = toy_repo
+    r = subprocess.run([sys.executable, "-m", "dd.sensitivity", "--out", "reports/benchmarks/fs"], cwd=tmp, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp / "reports/benchmarks/fs.json").read_text())["rows"]
+    key = next(k for k in rows[0] if k.startswith("reported_"))
+    # evaluate stores tokens: DD2 and (toy LlamaGen, split 16) DD1 decoded unsnapped there, snapped here
+    checked = [x for x in rows if x[key] is not None and not x["method"].startswith("dd2")
+               and not (x["family"] == "llamagen" and x["method"].startswith("dd1"))]
+    assert {x["family"] for x in checked} == {"data", "llamagen", "var"} and len(checked) >= 10
+    for x in checked:  # the raw penultimate space is the evaluation's own: same images, same figure
+        assert x["fd_penultimate"] == pytest.approx(x[key], rel=1e-4, abs=1e-6), x
+    assert (tmp / "reports/benchmarks/fs.png").is_file()
