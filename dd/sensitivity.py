@@ -21,7 +21,6 @@ images (`features.json`, `evaluate.json`): `fd_penultimate` must reproduce it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
