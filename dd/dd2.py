@@ -403,6 +403,11 @@ def ardiff_sample(model: ARDiffusion, tok, labels: torch.Tensor, n_euler: int = 
 
 # ---- 2. generator, guidance network, conditional score distillation --------------------------------------------
 
+def snap(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Every vector of x [..., D] replaced by its nearest code."""
+    return codebook[flow.nearest_code(x.reshape(-1, x.shape[-1]), codebook)].view(x.shape)
+
+
 def generate(gen: ARDiffusion, tok, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One step: eps [B, L, D], labels [B] → continuous tokens q [B, L, D], q_i = eps_i + v(eps_i, 0, f_i(eps_<i))
     (the backbone reads the noise sequence in the place of the data: shifted by one position for LlamaGen, through
@@ -451,6 +456,9 @@ class DistillConfig:
     lr_gen: float = 1e-4
     lr_guide: float = 2e-4
     warmup_steps: int = 0         # generator updates of linear LR warm-up (ψ: the same number of its own updates)
+    lr_gen_decay_to: float = 1.0  # the generator's LR at its last update / lr_gen: cosine decay after the warm-up
+    teacher_prefix: str = "continuous"  # the teacher's conditionals given the generator's prefix as is, or snapped
+                                        # to the nearest codes ("codes")
     k_guide: int = 5              # ψ updates per generator update (two time-scale rule)
     align_at: int = 0             # generator step of the performance alignment (0 = none)
     align_steps: int = 0          # ψ-only updates of the alignment (G frozen at its EMA)
@@ -471,6 +479,16 @@ def _warm(lr: float, step: int, warmup: int) -> float:
     return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
 
 
+def gen_lr(cfg: DistillConfig, step: int) -> float:
+    """The generator's learning rate at update `step` (0-based): linear warm-up to lr_gen, then a cosine decay
+    reaching lr_gen · lr_gen_decay_to at the last update (lr_gen_decay_to = 1: constant after the warm-up)."""
+    if step < cfg.warmup_steps or cfg.lr_gen_decay_to == 1.0:
+        return _warm(cfg.lr_gen, step, cfg.warmup_steps)
+    span = max(1, cfg.n_steps - 1 - cfg.warmup_steps)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    return cfg.lr_gen * (cfg.lr_gen_decay_to + (1 - cfg.lr_gen_decay_to) * cos)
+
+
 def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.Tensor, sampling, num_classes: int,
             cfg: DistillConfig, ckpt_path: str | Path, device="cpu", desc: str = "DD2", on_step=None) -> dict:
     """Alternate K FCS updates of `guide` and one CSD update of `gen` (both trained in place) for cfg.n_steps
@@ -489,6 +507,8 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
     world = dist.world()
     if cfg.batch_size % world:
         raise ValueError(f"distill: batch_size {cfg.batch_size} does not split evenly across {world} processes")
+    if cfg.teacher_prefix not in ("continuous", "codes"):
+        raise ValueError(f"distill: teacher_prefix must be 'continuous' or 'codes', got {cfg.teacher_prefix!r}")
     share = (dist.rank(), world)
     torch.manual_seed(cfg.seed)
     gen.to(device).train()
@@ -576,12 +596,13 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
                 z = generate(gen, tok, noise_draw(), labels).float()
                 with torch.no_grad():
                     zc = z.detach()
-                    logp = teacher_logp(teacher, tok, zc, labels, sampling).float()
+                    zt = zc if cfg.teacher_prefix == "continuous" else snap(zc, codebook)
+                    logp = teacher_logp(teacher, tok, zt, labels, sampling).float()
                     f_guide = guide.features(seq_input(tok, zc), labels)
                 loss, logs = csd_loss(z, logp, guide, f_guide, codebook, cfg.t_min, cfg.t_max, share)
             check(loss, "generator (CSD)")
             for group in opt_g.param_groups:
-                group["lr"] = _warm(cfg.lr_gen, step, cfg.warmup_steps)
+                group["lr"] = gen_lr(cfg, step)
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
             for p in gen.parameters():  # SiD / DMD2: a rare non-finite gradient entry must not poison the weights

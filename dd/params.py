@@ -228,6 +228,11 @@ class TrainDD2:
     lr_gen: float = num(1e-4, "Adam learning rate of the generator", lo=0.0, lo_open=True, hi=1.0)
     lr_guide: float = num(2e-4, "Adam learning rate of the guidance network", lo=0.0, lo_open=True, hi=1.0)
     warmup_steps: int = num(20, "linear warm-up (generator updates; the guidance network: its own updates)", lo=0)
+    lr_gen_decay_to: float = num(1.0, "the generator's learning rate at its last update as a fraction of lr_gen, "
+                                 "reached by a cosine decay after the warm-up (1: constant)", lo=0.0, hi=1.0)
+    teacher_prefix: str = choice("continuous", ("continuous", "codes"), "the teacher's conditionals (the CSD target) "
+                                 "given the generator's prefix as it is, or snapped to the nearest codes (what the "
+                                 "discrete teacher was trained on; free: the prefix carries no gradient)")
     k_guide: int = num(5, "guidance updates per generator update", lo=1)
     align_at: int = num(0, "generator step of the performance alignment (0: none)", lo=0)
     align_steps: int = num(0, "guidance-only updates of the alignment", lo=0)

@@ -139,6 +139,50 @@ def test_csd_loss_and_gradient_vanish_when_the_guidance_is_exact():
     assert logs["gap"] > 1e-3 and z.grad.abs().max() > 1e-3
 
 
+def test_generator_lr_warms_up_then_decays_to_its_final_fraction(tmp_path):
+    """lr_gen_decay_to = 1 keeps the rate constant after the warm-up; below 1 a cosine takes it from lr_gen (first
+    update after the warm-up) down to lr_gen · lr_gen_decay_to (last update), never rising; distill applies it."""
+    const = dd2.DistillConfig(n_steps=20, batch_size=4, lr_gen=1e-3, warmup_steps=4)
+    assert [dd2.gen_lr(const, s) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert all(dd2.gen_lr(const, s) == 1e-3 for s in range(4, 20))
+    decay = dd2.DistillConfig(n_steps=20, batch_size=4, lr_gen=1e-3, warmup_steps=4, lr_gen_decay_to=0.1)
+    lrs = [dd2.gen_lr(decay, s) for s in range(20)]
+    assert lrs[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3]) and lrs[-1] == pytest.approx(1e-4)
+    assert lrs[11] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    tok, gpt, phi, codebook = tiny_setup("llamagen")
+    gen, guide = (dd2.ARDiffusion.from_teacher(phi, head_width=16, head_depth=1) for _ in range(2))
+    cfg = dd2.DistillConfig(n_steps=3, batch_size=2, k_guide=1, lr_gen=1e-3, lr_gen_decay_to=0.25, log_every=1)
+    out = dd2.distill(gen, guide, phi, tok, codebook, SAMPLING["llamagen"], 3, cfg, tmp_path / "d.pt")
+    assert [h["lr_gen"] for h in out["history"]] == pytest.approx([1e-3, 6.25e-4, 2.5e-4])
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_teacher_prefix_codes_gives_the_teacher_snapped_prefixes(family, tmp_path, monkeypatch):
+    """teacher_prefix = "codes": the CSD target is the teacher's conditional given the generator's samples snapped to
+    their nearest codes (and "continuous": given the samples themselves); the guidance network still reads them as
+    they are."""
+    tok, gpt, phi, codebook = tiny_setup(family)
+    seen, real = [], dd2.teacher_logp
+
+    def spy(teacher, tok_, x, labels, sampling):
+        seen.append(x.clone())
+        return real(teacher, tok_, x, labels, sampling)
+
+    monkeypatch.setattr(dd2, "teacher_logp", spy)
+    for prefix in ("codes", "continuous"):
+        seen.clear()
+        gen, guide = (dd2.ARDiffusion.from_teacher(phi, head_width=16, head_depth=1) for _ in range(2))
+        cfg = dd2.DistillConfig(n_steps=2, batch_size=3, k_guide=1, teacher_prefix=prefix)
+        dd2.distill(gen, guide, phi, tok, codebook, SAMPLING[family], 3, cfg, tmp_path / f"{prefix}.pt")
+        x = torch.cat(seen).reshape(-1, 1, codebook.shape[1])
+        off_code = (x - codebook).abs().amax(-1).min(1).values  # 0: x is a code exactly
+        assert len(seen) == 2 and ((off_code == 0).all() if prefix == "codes" else (off_code > 1e-4).all())
+    with pytest.raises(ValueError, match="teacher_prefix"):
+        dd2.distill(gen, guide, phi, tok, codebook, SAMPLING[family], 3,
+                    dd2.DistillConfig(n_steps=1, batch_size=3, teacher_prefix="code"), tmp_path / "bad.pt")
+
+
 @pytest.mark.parametrize("family", ["llamagen", "var"])
 def test_distill_resumes_exactly_and_stops_on_nan(family, tmp_path, monkeypatch):
     """A run interrupted after its step-2 checkpoint (across the performance alignment) and started again ends with

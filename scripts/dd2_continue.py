@@ -1,0 +1,82 @@
+"""Diagnostic: continue a finished DD2 distillation under other settings, to see which one moves its plateau.
+
+VAR family (whose teacher reads vectors as it is; LlamaGen's continuous-input teacher is not stored by the stage).
+Reads a `distill_state.pt` that `08_train_dd2` wrote (its own settings are in the checkpoint's fingerprint), starts
+the generator from that run's EMA weights (G ← EMA, as a performance alignment does) and the guidance network from
+its last weights, and runs `n_steps` more generator updates with fresh optimizers, the learning rates, batch size,
+k_guide and teacher_prefix given here, no warm-up, and the distillation seed base.seed + 100 (the same for every
+setting, so runs differ only in the setting). A fresh progressive EMA starts at G. The probe of `08_train_dd2` (500
+one-step samples, labels i mod classes, noise seed base.seed + 7) scores the EMA every `every` updates and the last
+online weights at the end. Writes <out>/<name>.json; compare settings at equal compute (batch × k_guide × updates).
+
+    python scripts/dd2_continue.py --state data/train_dd2/var/distill_state.pt --name lr1e-4 --lr_gen 1e-4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dd import dd1, dd2, io, metrics, params, teachers
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--state", required=True, help="a distill_state.pt of 08_train_dd2")
+    ap.add_argument("--name", required=True, help="the result file's name")
+    ap.add_argument("--n_steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr_gen", type=float, default=3e-4)
+    ap.add_argument("--lr_guide", type=float, default=5e-4)
+    ap.add_argument("--k_guide", type=int, default=2)
+    ap.add_argument("--prefix", default="continuous", choices=("continuous", "codes"), help="teacher_prefix")
+    ap.add_argument("--every", type=int, default=100, help="probe the EMA every this many updates")
+    ap.add_argument("--seed", type=int, default=0, help="base.seed of the run the checkpoint comes from")
+    ap.add_argument("--data", default="data", help="the pipeline's data folder (tokenizer, teacher, features)")
+    ap.add_argument("--out", default="reports/ablations/dd2_continue")
+    a = ap.parse_args(argv)
+    dev, family = torch.device("cpu"), "var"
+    fam = teachers.family(family)
+    root = Path(a.data)
+    tok = teachers.load_model(io.path(root / "train_tokenizer", family), "tokenizer",
+                              fam.Tokenizer).eval().requires_grad_(False)
+    teacher = teachers.load_model(io.path(root / "train_teacher", family), "teacher",
+                                  fam.Teacher).eval().requires_grad_(False)
+    ends = dd1.step_ends(teacher)
+    _, samples_meta = io.read_checked(io.path(root / "sample_teacher", family), "samples.safetensors")
+    sampling = params.parse("sample_teacher", samples_meta["sampling"], family)
+    net, ref, feat_meta = metrics.load_feature_space(root / "features", dev)
+    num_classes = io.read_json(io.path(root / "train_tokenizer", family, "meta.json"))["num_classes"]
+    codebook = fam.codebook(tok).float()
+    ck = torch.load(a.state, map_location="cpu", weights_only=False)
+    config = ck["fingerprint"]["model_config"]
+    gen, guide = dd2.ARDiffusion(**config), dd2.ARDiffusion(**config)
+    gen.load_state_dict(ck["ema"])  # G <- EMA
+    guide.load_state_dict(ck["guide"])
+    labels = torch.arange(500) % num_classes
+    noise = torch.randn(500, ends[-1], codebook.shape[1], generator=torch.Generator().manual_seed(a.seed + 7))
+    probe = dd2.Probe(tok, net, ref, feat_meta["dataset"], feat_meta["k_nn"], labels, noise, a.every, a.n_steps,
+                      250, dev)
+    cfg = dd2.DistillConfig(n_steps=a.n_steps, batch_size=a.batch, lr_gen=a.lr_gen, lr_guide=a.lr_guide,
+                            warmup_steps=0, k_guide=a.k_guide, n_noise=ck["fingerprint"]["config"]["n_noise"],
+                            teacher_prefix=a.prefix, seed=a.seed + 100)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    res = dd2.distill(gen, guide, teacher, tok, codebook, sampling, num_classes, cfg, out / f"{a.name}.pt", dev,
+                      desc=a.name, on_step=probe)
+    seconds = time.perf_counter() - t0 - probe.seconds
+    online = dd2.Probe(tok, net, ref, feat_meta["dataset"], feat_meta["k_nn"], labels, noise, 1, 1, 250, dev)
+    online(1, gen.eval())
+    result = {"args": vars(a), "from_step": ck["step"], "seconds": seconds, "s_per_update": seconds / a.n_steps,
+              "probe_ema": probe.records, "online_final": online.records, "history_tail": res["history"][-5:]}
+    io.write_json(out / f"{a.name}.json", result)
+    (out / f"{a.name}.pt").unlink()  # the continuation's own checkpoint: only the figures are kept
+    print(json.dumps({k: result[k] for k in ("s_per_update", "probe_ema", "online_final")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
