@@ -20,14 +20,17 @@ Pieces, in pipeline order (`notebooks/08_train_dd2.ipynb`):
        shifted by one position (through the backbone) and eps_i itself (through the head): q_i = eps_i + v(eps_i,
        0, f_i(eps_<i)), one jump, continuous output. ψ regresses the velocity of G's detached samples (FCS loss);
        G minimises the SiD-form CSD loss (α = 1) between the teacher's and ψ's posterior means, with the prefix
-       stop-gradient, K ψ updates per G update, a progressive EMA and an optional performance alignment.
+       stop-gradient, K ψ updates per G update, a progressive EMA and an optional performance alignment; G's
+       learning rate constant after the warm-up or cosine-decayed (`lr_gen_decay_to`).
     3. Sampling: one step (`generate`), or k steps where the teacher redraws the last k − 1 AR steps
        (`sample_multistep`).
 
 Choices the paper leaves open (the spec marks them [assumption]) and their defaults here: t ~ U(0, 1) for GTS and
 FCS, U[t_min, t_max] = U[0.02, 0.98] for CSD, every token its own t and eps; m = 4 noise draws per sequence;
 ω = 1 / mean|q − x̂0_Φ| per token (SiD); VAR's generator feeds its noise through the f_hat recursion (the teacher's
-own input format); outputs are decoded continuously (tokens = nearest codes where discrete ids are needed);
+own input format); outputs are decoded continuously (tokens = nearest codes where discrete ids are needed); the
+teacher's conditionals read G's prefix as it is (`teacher_prefix = "codes"`: snapped to the nearest codes, what the
+discrete teacher was trained on);
 LlamaGen's input adaptation matches the discrete teacher's conditionals (KL) instead of the paper's AR
 cross-entropy on ImageNet tokens (the teacher's full distribution is at hand, and no dataset is needed).
 
