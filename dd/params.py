@@ -206,6 +206,16 @@ class TrainDD1:
     n_eval: int = num(1000, "samples per method for the metrics (the teacher samples' labels)", lo=10)
     eval_batch: int = num(250, "sampling batch size", lo=1)
 
+    def check(self, section: str) -> None:
+        """The EMA starts at the initial (teacher-copied) weights and keeps ema_decay ** n_steps of them at the end:
+        evaluating an EMA that still holds more than 5 % of them measures a half-trained mixture, not the model."""
+        left = self.ema_decay ** self.n_steps
+        if left > 0.05:
+            raise ParamsError(
+                f"params.yaml: {section}.ema_decay = {self.ema_decay} with n_steps = {self.n_steps} leaves "
+                f"{left:.0%} of the initial weights in the evaluated EMA; allowed: ema_decay <= "
+                f"{0.05 ** (1 / self.n_steps):.4f} for this n_steps (ema_decay ** n_steps <= 0.05), or 0 (raw weights)")
+
 
 @dataclass(frozen=True)
 class TrainDD2:
@@ -341,7 +351,10 @@ def parse(section: str, values: dict | None, family: str | None = None):
     for key in values:
         if key not in known:
             raise ParamsError(f"params.yaml: {section}.{key} is not a known key; known keys: {', '.join(known)}")
-    return cls(**{k: _check(section, known[k], v) for k, v in values.items()})
+    obj = cls(**{k: _check(section, known[k], v) for k, v in values.items()})
+    if hasattr(obj, "check"):  # constraints between keys
+        obj.check(section)
+    return obj
 
 
 def read_yaml(path: str | Path) -> dict:

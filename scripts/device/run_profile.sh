@@ -1,8 +1,8 @@
 #!/bin/bash
-# Runs the GPU profile stage by stage without DVC (python -m dd.stage in dvc.yaml order) on a lent GPU machine,
-# with .gpu/ (scripts/device/prepare_carry.sh) carried; resumable across calls while the machine stays warm:
-# finished stages are skipped, an interrupted training resumes from its checkpoint. Reports and stage times are
-# kept in /tmp/gpurep and /tmp/gpumeta; scripts/device/collect.sh packs them into $OUT.
+# Runs the GPU profile stage by stage without DVC (python -m dd.stage, one family's chain after the other) on a lent
+# GPU machine with .gpu/ (scripts/device/prepare_carry.sh) carried, usually through call.sh; resumable across calls
+# while the machine stays warm: finished stages are skipped, an interrupted training resumes from its checkpoint.
+# Reports and stage times are kept in /tmp/gpurep and /tmp/gpumeta; scripts/device/collect.sh packs them into $OUT.
 # usage: [UNTIL=<stage>[_<family>]] bash scripts/device/run_profile.sh [more-overrides.yaml ...]
 #   UNTIL stops after that stage (e.g. UNTIL=train_dd1_var: everything DD1's measurement needs, no DD2/evaluate)
 set -u
@@ -32,9 +32,10 @@ cp -a /tmp/gpurep/. .   # this run's reports so far (the checkout's CPU ones are
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > /tmp/gpumeta/device.txt
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" >> /tmp/gpumeta/device.txt
 cp params.yaml /tmp/gpumeta/params_gpu.yaml
-for s in prepare features train_tokenizer:llamagen train_tokenizer:var train_teacher:llamagen train_teacher:var \
-         sample_teacher:llamagen sample_teacher:var build_trajectories:llamagen build_trajectories:var \
-         train_dd1:llamagen train_dd1:var train_dd2:llamagen train_dd2:var evaluate; do
+# one family's chain through DD1 before the other's, so that a session cut short still has one family's DD1
+for s in prepare features train_tokenizer:llamagen train_teacher:llamagen sample_teacher:llamagen \
+         build_trajectories:llamagen train_dd1:llamagen train_tokenizer:var train_teacher:var sample_teacher:var \
+         build_trajectories:var train_dd1:var train_dd2:llamagen train_dd2:var evaluate; do
   name=${s/:/_}; stage=${s%%:*}; fam=${s#*:}
   [ -f /tmp/done/$name ] && continue
   args="$stage"; [ "$fam" != "$s" ] && args="$stage --family $fam"
