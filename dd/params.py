@@ -202,7 +202,8 @@ class TrainDD1:
     lr: float = num(5e-4, "AdamW learning rate", lo=0.0, lo_open=True, hi=1.0)
     weight_decay: float = num(0.05, "AdamW weight decay", lo=0.0)
     warmup_steps: int = num(50, "linear warm-up steps", lo=0)
-    ema_decay: float = num(0.99, "EMA decay of the evaluated weights (0: evaluate the raw weights)", lo=0.0, hi=0.99999)
+    ema_decay: float = num(0.99, "EMA decay of the evaluated weights (0: evaluate the raw weights; ema_decay ** n_steps "
+                           "must be <= 0.05)", lo=0.0, hi=0.99999)
     n_eval: int = num(1000, "samples per method for the metrics (the teacher samples' labels)", lo=10)
     eval_batch: int = num(250, "sampling batch size", lo=1)
 
