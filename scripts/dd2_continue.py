@@ -1,7 +1,9 @@
 """Diagnostic: continue a finished DD2 distillation under other settings, to see which one moves its plateau.
 
-VAR family (whose teacher reads vectors as it is; LlamaGen's continuous-input teacher is not stored by the stage).
-Reads a `distill_state.pt` that `08_train_dd2` wrote (its own settings are in the checkpoint's fingerprint), starts
+For VAR the teacher reads vectors as it is; for LlamaGen the continuous-input teacher Φ is rebuilt as the notebook
+builds it (its teacher samples and input-MLP fit under base.seed, the KL fine-tuning read back from the run's
+finished `adapt_state.pt`, given with --adapt_state; the train_dd2.llamagen sizes of --params). Reads a
+`distill_state.pt` that `08_train_dd2` wrote (its own settings are in the checkpoint's fingerprint), starts
 the generator from that run's EMA weights (G ← EMA, as a performance alignment does) and the guidance network from
 its last weights, and runs `n_steps` more generator updates with fresh optimizers, the learning rates, batch size,
 k_guide and teacher_prefix given here, no warm-up, and the distillation seed base.seed + 100 (the same for every
@@ -10,6 +12,8 @@ one-step samples, labels i mod classes, noise seed base.seed + 7) scores the EMA
 online weights at the end. Writes <out>/<name>.json; compare settings at equal compute (batch × k_guide × updates).
 
     python scripts/dd2_continue.py --state data/train_dd2/var/distill_state.pt --name lr1e-4 --lr_gen 1e-4
+    python scripts/dd2_continue.py --family llamagen --state data/train_dd2/llamagen/distill_state.pt \
+        --adapt_state data/train_dd2/llamagen/adapt_state.pt --name llamagen_lr3e-5 --lr_gen 3e-5
 """
 from __future__ import annotations
 
@@ -25,7 +29,10 @@ from dd import dd1, dd2, io, metrics, params, teachers
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", default="var", choices=("llamagen", "var"))
     ap.add_argument("--state", required=True, help="a distill_state.pt of 08_train_dd2")
+    ap.add_argument("--adapt_state", help="LlamaGen: the same run's adapt_state.pt (its continuous-input teacher)")
+    ap.add_argument("--params", default="params.yaml", help="LlamaGen: train_dd2.llamagen's adaptation sizes")
     ap.add_argument("--name", required=True, help="the result file's name")
     ap.add_argument("--n_steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
@@ -38,7 +45,9 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default="data", help="the pipeline's data folder (tokenizer, teacher, features)")
     ap.add_argument("--out", default="reports/ablations/dd2_continue")
     a = ap.parse_args(argv)
-    dev, family = torch.device("cpu"), "var"
+    dev, family = torch.device("cpu"), a.family
+    if family == "llamagen" and not a.adapt_state:
+        ap.error("--family llamagen needs --adapt_state (the run's adapt_state.pt)")
     fam = teachers.family(family)
     root = Path(a.data)
     tok = teachers.load_model(io.path(root / "train_tokenizer", family), "tokenizer",
@@ -51,6 +60,18 @@ def main(argv=None) -> None:
     net, ref, feat_meta = metrics.load_feature_space(root / "features", dev)
     num_classes = io.read_json(io.path(root / "train_tokenizer", family, "meta.json"))["num_classes"]
     codebook = fam.codebook(tok).float()
+    phi = teacher
+    if family == "llamagen":  # notebook 08's cells, in its order and with its seeds
+        cfg = params.load(a.params)["train_dd2"][family]
+        g = torch.Generator().manual_seed(a.seed)
+        labels = torch.randint(num_classes, (cfg.n_gts_samples,), generator=g)
+        tokens = fam.sample(tok, teacher, labels, sampling, torch.Generator().manual_seed(a.seed), cfg.sample_batch,
+                            dev)
+        torch.manual_seed(a.seed)
+        phi, _ = dd2.adapt_continuous_input(teacher, codebook, {"tokens": tokens, "labels": labels}, cfg.mlp_steps,
+                                            cfg.adapt_steps, cfg.adapt_lr, cfg.gts_batch,
+                                            n_hold=min(500, cfg.n_gts_samples // 4), seed=a.seed,
+                                            ckpt_path=a.adapt_state, device=dev)
     ck = torch.load(a.state, map_location="cpu", weights_only=False)
     config = ck["fingerprint"]["model_config"]
     gen, guide = dd2.ARDiffusion(**config), dd2.ARDiffusion(**config)
@@ -66,7 +87,7 @@ def main(argv=None) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    res = dd2.distill(gen, guide, teacher, tok, codebook, sampling, num_classes, cfg, out / f"{a.name}.pt", dev,
+    res = dd2.distill(gen, guide, phi, tok, codebook, sampling, num_classes, cfg, out / f"{a.name}.pt", dev,
                       desc=a.name, on_step=probe)
     seconds = time.perf_counter() - t0 - probe.seconds
     online = dd2.Probe(tok, net, ref, feat_meta["dataset"], feat_meta["k_nn"], labels, noise, 1, 1, 250, dev)
