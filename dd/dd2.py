@@ -58,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import dd1, dist, flow, io, llamagen, metrics, train, var
+from . import dd1, dist, flow, io, llamagen, metrics, teachers, train, var
 from .trajectories import step_ends
 
 T_EPS = 1e-3  # GTS / FCS times are drawn from [T_EPS, 1 − T_EPS]: the closed-form velocity is exact there
@@ -184,6 +184,23 @@ def adapt_continuous_input(teacher: llamagen.GPT, codebook: torch.Tensor, data: 
     return phi, {"mlp_mse": mlp_losses[-1] if mlp_losses else None, "kl_after_fit": kl_fit,
                  "kl_after_tuning": kl_tuned, "kept": "tuned" if kl_tuned <= kl_fit else "fitted",
                  "mlp_losses": mlp_losses, "history": history}
+
+
+def rebuild_phi(tok, teacher: llamagen.GPT, codebook: torch.Tensor, sampling, num_classes: int, cfg, seed: int,
+                adapt_state: str | Path, device="cpu"):
+    """The continuous-input teacher Φ that a `train_dd2` run of the LlamaGen family distilled, rebuilt outside the
+    notebook: its GTS teacher samples (cfg.n_gts_samples labels and tokens drawn under `seed`, as notebook 08 draws
+    them) and `adapt_continuous_input` under the same seeds, with cfg's (a train_dd2 section's) sizes. adapt_state
+    is that run's `adapt_state.pt`: a finished one is read back, a missing one is trained and written there (so a
+    script can also build a Φ with other sizes). → (Φ, adapt_continuous_input's report)."""
+    labels = torch.randint(num_classes, (cfg.n_gts_samples,), generator=torch.Generator().manual_seed(seed))
+    tokens = teachers.family("llamagen").sample(tok, teacher, labels, sampling,
+                                                torch.Generator(device=device).manual_seed(seed), cfg.sample_batch,
+                                                device).cpu()
+    torch.manual_seed(seed)
+    return adapt_continuous_input(teacher, codebook, {"tokens": tokens, "labels": labels}, cfg.mlp_steps,
+                                  cfg.adapt_steps, cfg.adapt_lr, cfg.gts_batch, n_hold=min(500, cfg.n_gts_samples // 4),
+                                  seed=seed, ckpt_path=adapt_state, device=device)
 
 
 # ---- the teacher's distribution at every position, given a continuous prefix -------------------------------------

@@ -6,10 +6,11 @@ finished `adapt_state.pt`, given with --adapt_state; the train_dd2.llamagen size
 `distill_state.pt` that `08_train_dd2` wrote (its own settings are in the checkpoint's fingerprint), starts
 the generator from that run's EMA weights (G ← EMA, as a performance alignment does) and the guidance network from
 its last weights, and runs `n_steps` more generator updates with fresh optimizers, the learning rates, batch size,
-k_guide and teacher_prefix given here, no warm-up, and the distillation seed base.seed + 100 (the same for every
-setting, so runs differ only in the setting). A fresh progressive EMA starts at G. The probe of `08_train_dd2` (500
+k_guide, teacher_prefix and CSD time range given here, no warm-up, and the distillation seed base.seed + 100 (the
+same for every setting, so runs differ only in the setting). A fresh progressive EMA starts at G. The probe of `08_train_dd2` (500
 one-step samples, labels i mod classes, noise seed base.seed + 7) scores the EMA every `every` updates and the last
-online weights at the end. Writes <out>/<name>.json; compare settings at equal compute (batch × k_guide × updates).
+online weights at the end; the mean distance of the generator's vectors to their nearest code (over the codebook's
+median nearest-neighbour distance) at the start and the end. Writes <out>/<name>.json; compare settings at equal compute (batch × k_guide × updates).
 
     python scripts/dd2_continue.py --state data/train_dd2/var/distill_state.pt --name lr1e-4 --lr_gen 1e-4
     python scripts/dd2_continue.py --family llamagen --state data/train_dd2/llamagen/distill_state.pt \
@@ -40,6 +41,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lr_guide", type=float, default=5e-4)
     ap.add_argument("--k_guide", type=int, default=2)
     ap.add_argument("--prefix", default="continuous", choices=("continuous", "codes"), help="teacher_prefix")
+    ap.add_argument("--t_min", type=float, default=0.02, help="CSD times t ~ U[t_min, t_max]")
+    ap.add_argument("--t_max", type=float, default=0.98)
     ap.add_argument("--every", type=int, default=100, help="probe the EMA every this many updates")
     ap.add_argument("--seed", type=int, default=0, help="base.seed of the run the checkpoint comes from")
     ap.add_argument("--data", default="data", help="the pipeline's data folder (tokenizer, teacher, features)")
@@ -61,17 +64,9 @@ def main(argv=None) -> None:
     num_classes = io.read_json(io.path(root / "train_tokenizer", family, "meta.json"))["num_classes"]
     codebook = fam.codebook(tok).float()
     phi = teacher
-    if family == "llamagen":  # notebook 08's cells, in its order and with its seeds
-        cfg = params.load(a.params)["train_dd2"][family]
-        g = torch.Generator().manual_seed(a.seed)
-        labels = torch.randint(num_classes, (cfg.n_gts_samples,), generator=g)
-        tokens = fam.sample(tok, teacher, labels, sampling, torch.Generator().manual_seed(a.seed), cfg.sample_batch,
-                            dev)
-        torch.manual_seed(a.seed)
-        phi, _ = dd2.adapt_continuous_input(teacher, codebook, {"tokens": tokens, "labels": labels}, cfg.mlp_steps,
-                                            cfg.adapt_steps, cfg.adapt_lr, cfg.gts_batch,
-                                            n_hold=min(500, cfg.n_gts_samples // 4), seed=a.seed,
-                                            ckpt_path=a.adapt_state, device=dev)
+    if family == "llamagen":
+        phi, _ = dd2.rebuild_phi(tok, teacher, codebook, sampling, num_classes,
+                                 params.load(a.params)["train_dd2"][family], a.seed, a.adapt_state, dev)
     ck = torch.load(a.state, map_location="cpu", weights_only=False)
     config = ck["fingerprint"]["model_config"]
     gen, guide = dd2.ARDiffusion(**config), dd2.ARDiffusion(**config)
@@ -81,9 +76,17 @@ def main(argv=None) -> None:
     noise = torch.randn(500, ends[-1], codebook.shape[1], generator=torch.Generator().manual_seed(a.seed + 7))
     probe = dd2.Probe(tok, net, ref, feat_meta["dataset"], feat_meta["k_nn"], labels, noise, a.every, a.n_steps,
                       250, dev)
+    spacing = torch.cdist(codebook, codebook).fill_diagonal_(float("inf")).min(1).values.median()
+
+    @torch.no_grad()
+    def off_codebook(model):  # mean distance of 250 probe samples' vectors to their nearest code / code spacing
+        x = dd2.generate(model.eval(), tok, noise[:250], labels[:250]).flatten(0, 1)
+        return (torch.cdist(x, codebook).min(1).values.mean() / spacing).item()
+
+    off = {"start": off_codebook(gen)}
     cfg = dd2.DistillConfig(n_steps=a.n_steps, batch_size=a.batch, lr_gen=a.lr_gen, lr_guide=a.lr_guide,
                             warmup_steps=0, k_guide=a.k_guide, n_noise=ck["fingerprint"]["config"]["n_noise"],
-                            teacher_prefix=a.prefix, seed=a.seed + 100)
+                            teacher_prefix=a.prefix, t_min=a.t_min, t_max=a.t_max, seed=a.seed + 100)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -92,11 +95,14 @@ def main(argv=None) -> None:
     seconds = time.perf_counter() - t0 - probe.seconds
     online = dd2.Probe(tok, net, ref, feat_meta["dataset"], feat_meta["k_nn"], labels, noise, 1, 1, 250, dev)
     online(1, gen.eval())
+    off["online_final"] = off_codebook(gen)
+    off["ema_final"] = off_codebook(res["ema"])
     result = {"args": vars(a), "from_step": ck["step"], "seconds": seconds, "s_per_update": seconds / a.n_steps,
-              "probe_ema": probe.records, "online_final": online.records, "history_tail": res["history"][-5:]}
+              "probe_ema": probe.records, "online_final": online.records,
+              "off_codebook": off, "history_tail": res["history"][-5:]}
     io.write_json(out / f"{a.name}.json", result)
     (out / f"{a.name}.pt").unlink()  # the continuation's own checkpoint: only the figures are kept
-    print(json.dumps({k: result[k] for k in ("s_per_update", "probe_ema", "online_final")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("s_per_update", "probe_ema", "online_final", "off_codebook")}, indent=1))
 
 
 if __name__ == "__main__":

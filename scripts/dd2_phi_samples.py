@@ -5,7 +5,8 @@ vectors, fitted and KL-tuned), not the teacher's. This rebuilds Φ as `08_train_
 fit under base.seed, the KL tuning read back from a run's finished adapt_state.pt), samples it autoregressively with
 the teacher's sampling settings (`dd2.teacher_logp`: guidance, top-k / top-p), feeding each drawn code's vector
 back, and scores n samples (labels i mod classes) in the evaluation feature space beside n ordinary teacher samples.
-Writes <out>/dd2_phi_samples.json.
+Writes <out>/<name>.json. With --params naming other train_dd2.llamagen sizes (adapt_steps, n_gts_samples) and
+a new --adapt_state path, it builds that Φ (and writes its adapt_state.pt there) instead of reading a run's back.
 
     python scripts/dd2_phi_samples.py --adapt_state data/train_dd2/llamagen/adapt_state.pt
 """
@@ -28,6 +29,7 @@ def main(argv=None) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", default="data", help="the pipeline's data folder")
     ap.add_argument("--out", default="reports/benchmarks")
+    ap.add_argument("--name", default="dd2_phi_samples", help="the result file's name")
     a = ap.parse_args(argv)
     P = params.load(a.params)
     seed, cfg, family = P["base"].seed, P["train_dd2"]["llamagen"], "llamagen"
@@ -38,15 +40,7 @@ def main(argv=None) -> None:
     sampling = params.parse("sample_teacher", samples_meta["sampling"], family)
     num_classes = io.read_json(root / "train_tokenizer" / family / "meta.json")["num_classes"]
     codebook = fam.codebook(tok).float()
-    g = torch.Generator().manual_seed(seed)  # notebook 08's cells, in its order and with its seeds
-    gts_labels = torch.randint(num_classes, (cfg.n_gts_samples,), generator=g)
-    gts_tokens = fam.sample(tok, teacher, gts_labels, sampling, torch.Generator().manual_seed(seed), cfg.sample_batch,
-                            dev)
-    torch.manual_seed(seed)
-    phi, adapt = dd2.adapt_continuous_input(teacher, codebook, {"tokens": gts_tokens, "labels": gts_labels},
-                                            cfg.mlp_steps, cfg.adapt_steps, cfg.adapt_lr, cfg.gts_batch,
-                                            n_hold=min(500, cfg.n_gts_samples // 4), seed=seed,
-                                            ckpt_path=a.adapt_state, device=dev)
+    phi, adapt = dd2.rebuild_phi(tok, teacher, codebook, sampling, num_classes, cfg, seed, a.adapt_state, dev)
     labels = torch.arange(a.n) % num_classes
     gen = torch.Generator().manual_seed(seed + 11)
     length = dd1.step_ends(teacher)[-1]
@@ -64,9 +58,10 @@ def main(argv=None) -> None:
     fid_key = metrics.fid_name(feat_meta["dataset"])
     for name, m in rows.items():
         print(f"{name}: {fid_key} {m[fid_key]:.2f}, class acc {m['class_acc']:.3f}")
-    out = Path(a.out) / "dd2_phi_samples.json"
+    out = Path(a.out) / f"{a.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"n": a.n, "kl_after_tuning": adapt["kl_after_tuning"], "kept": adapt["kept"],
+    out.write_text(json.dumps({"n": a.n, "adapt_steps": cfg.adapt_steps, "n_gts_samples": cfg.n_gts_samples,
+                               **{k: adapt[k] for k in ("kl_after_fit", "kl_after_tuning", "kept")},
                                "methods": rows}, indent=1) + "\n")
     print(f"wrote {out}")
 

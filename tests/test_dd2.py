@@ -331,3 +331,16 @@ def test_distill_under_bf16_autocast_keeps_the_flow_math_in_fp32(family, tmp_pat
     for p in [*gen.parameters(), *guide.parameters(), *out["ema"].parameters()]:
         assert p.dtype == torch.float32 and torch.isfinite(p).all()
     assert len(out["history"]) == 2 and all(math.isfinite(h["csd"]) and math.isfinite(h["fcs"]) for h in out["history"])
+
+
+def test_rebuild_phi_builds_then_reads_back_the_same_phi(tmp_path):
+    """The scripts' Φ: a missing adapt_state is trained and written, a finished one read back to the same weights."""
+    tok, gpt, _, codebook = tiny_setup("llamagen")
+    cfg = params.parse("train_dd2", {"n_gts_samples": 40, "sample_batch": 20, "mlp_steps": 20, "adapt_steps": 4,
+                                     "gts_batch": 8}, "llamagen")
+    state = tmp_path / "adapt_state.pt"
+    phi, report = dd2.rebuild_phi(tok, gpt, codebook, SAMPLING["llamagen"], 3, cfg, 0, state)
+    assert state.is_file() and report["history"][-1]["step"] == 4
+    again, _ = dd2.rebuild_phi(tok, gpt, codebook, SAMPLING["llamagen"], 3, cfg, 0, state)
+    for k, v in phi.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
