@@ -7,10 +7,11 @@ finished `adapt_state.pt`, given with --adapt_state; the train_dd2.llamagen size
 the generator from that run's EMA weights (G ← EMA, as a performance alignment does) and the guidance network from
 its last weights, and runs `n_steps` more generator updates with fresh optimizers, the learning rates, batch size,
 k_guide, teacher_prefix and CSD time range given here, no warm-up, and the distillation seed base.seed + 100 (the
-same for every setting, so runs differ only in the setting). A fresh progressive EMA starts at G. The probe of `08_train_dd2` (500
-one-step samples, labels i mod classes, noise seed base.seed + 7) scores the EMA every `every` updates and the last
-online weights at the end; the mean distance of the generator's vectors to their nearest code (over the codebook's
-median nearest-neighbour distance) at the start and the end. Writes <out>/<name>.json; compare settings at equal compute (batch × k_guide × updates).
+same for every setting, so runs differ only in the setting). A fresh progressive EMA starts at G. The probe of
+`08_train_dd2` (500 one-step samples, labels i mod classes, noise seed base.seed + 7) scores the EMA every `every`
+updates and the last online weights at the end; the mean distance of the generator's vectors to their nearest code
+(over the codebook's median nearest-neighbour distance) is taken at the start and the end. Writes <out>/<name>.json;
+compare settings at equal compute (batch × k_guide × updates).
 
     python scripts/dd2_continue.py --state data/train_dd2/var/distill_state.pt --name lr1e-4 --lr_gen 1e-4
     python scripts/dd2_continue.py --family llamagen --state data/train_dd2/llamagen/distill_state.pt \
