@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -29,7 +30,7 @@ import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from dd import dd1, flow, methods, metrics, params  # noqa: E402
+from dd import dd1, methods, metrics, params  # noqa: E402
 
 
 @torch.no_grad()
@@ -41,7 +42,7 @@ def step_stats(f, tokens, emb, labels, spacing):
     off = (emb - f.codebook[tokens]).norm(dim=-1) / spacing
     bounds = [0, *f.ends]
     return [{"ar_step": s + 1, "tokens": bounds[s + 1] - bounds[s],
-             "nll_bits": nll[:, bounds[s]:bounds[s + 1]].mean().item() / torch.log(torch.tensor(2.0)).item(),
+             "nll_bits": nll[:, bounds[s]:bounds[s + 1]].mean().item() / math.log(2),
              "off_codebook": off[:, bounds[s]:bounds[s + 1]].mean().item()} for s in range(len(f.ends))]
 
 
