@@ -21,7 +21,8 @@ Pieces, in pipeline order (`notebooks/08_train_dd2.ipynb`):
        0, f_i(eps_<i)), one jump, continuous output. ψ regresses the velocity of G's detached samples (FCS loss);
        G minimises the SiD-form CSD loss (α = 1) between the teacher's and ψ's posterior means, with the prefix
        stop-gradient, K ψ updates per G update, a progressive EMA and an optional performance alignment; G's
-       learning rate constant after the warm-up or cosine-decayed (`lr_gen_decay_to`).
+       learning rate constant after the warm-up or cosine-decayed (`lr_gen_decay_to`); optionally G's output soft-
+       snapped to the codebook at an annealed temperature (`out_tau`, `soft_snap`; off by default).
     3. Sampling: one step (`generate`), or k steps where the teacher redraws the last k − 1 AR steps
        (`sample_multistep`).
 
@@ -313,11 +314,13 @@ class ARDiffusion(nn.Module):
     config); codebook_dim: D. Build it with `from_teacher`. Used three times: the GTS-tuned initialiser, the
     generator and the guidance network (identical architecture, DD2 §3.3)."""
 
-    def __init__(self, family: str, teacher: dict, codebook_dim: int, head_width: int = 256, head_depth: int = 3):
+    def __init__(self, family: str, teacher: dict, codebook_dim: int, head_width: int = 256, head_depth: int = 3,
+                 out_tau: float = 0.0):
         super().__init__()
         self.config = dict(family=family, teacher=dict(teacher), codebook_dim=int(codebook_dim),
                            head_width=int(head_width), head_depth=int(head_depth))
         self.family, self.D = family, int(codebook_dim)
+        self.set_out_tau(out_tau)
         if family == "llamagen":
             self.backbone = ContinuousGPT(**teacher)
             self.backbone.output = None  # replaced by the flow head
@@ -351,6 +354,15 @@ class ARDiffusion(nn.Module):
         weights = {k: v for k, v in teacher.state_dict().items() if not k.startswith(skip)}
         model.backbone.load_state_dict(weights, strict=True)
         return model.to(next(teacher.parameters()).device)
+
+    def set_out_tau(self, tau: float) -> None:
+        """The generator's output layer (`generate`): 0 = the jump's vector as is; > 0 = its soft snap to the codebook
+        at this temperature (`soft_snap`). Kept in `config` (only when > 0, so models without it keep theirs)."""
+        self.out_tau = float(tau)
+        if self.out_tau > 0:
+            self.config["out_tau"] = self.out_tau
+        else:
+            self.config.pop("out_tau", None)
 
     def features(self, inp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """inp = `seq_input(tok, x)`, labels [B] → per-position features [B, L, dim]; row i depends on the earlier
@@ -428,12 +440,32 @@ def snap(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return codebook[flow.nearest_code(x.reshape(-1, x.shape[-1]), codebook)].view(x.shape)
 
 
+def code_spacing(codebook: torch.Tensor) -> torch.Tensor:
+    """The median distance from a code to its nearest other code (a scalar tensor): the codebook's length scale."""
+    d = torch.cdist(codebook, codebook)
+    return d.fill_diagonal_(float("inf")).min(1).values.median()
+
+
+def soft_snap(y: torch.Tensor, codebook: torch.Tensor, tau: float) -> torch.Tensor:
+    """y [..., D] → Σ_c softmax_c(−‖y − c‖² / (tau · s²)) c, s = `code_spacing(codebook)`: every vector pulled to
+    a weighted average of codes, the nearest code as tau → 0, differentiable in y. A continuous map from noise can
+    put its vectors between codes where the teacher has none; through this layer it only needs to land in the
+    right code's neighbourhood. (An ablation: on the embedded default it does not close DD2's gap to DD1; README.)"""
+    cb = codebook.to(y)
+    d = torch.cdist(y.reshape(-1, y.shape[-1]), cb).pow(2)
+    w = torch.softmax(-d / (tau * code_spacing(codebook).to(y).pow(2)), -1)
+    return (w @ cb).view(y.shape)
+
+
 def generate(gen: ARDiffusion, tok, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One step: eps [B, L, D], labels [B] → continuous tokens q [B, L, D], q_i = eps_i + v(eps_i, 0, f_i(eps_<i))
     (the backbone reads the noise sequence in the place of the data: shifted by one position for LlamaGen, through
-    the f_hat recursion for VAR)."""
+    the f_hat recursion for VAR); with gen.out_tau > 0, q_i = `soft_snap`(that, the tokenizer's codebook, out_tau)."""
     f = gen.features(seq_input(tok, eps), labels)
-    return eps + gen.velocity(eps, 0.0, f)
+    y = eps + gen.velocity(eps, 0.0, f)
+    if gen.out_tau > 0:
+        y = soft_snap(y, teachers.family(gen.family).codebook(tok), gen.out_tau)
+    return y
 
 
 def fcs_loss(guide: ARDiffusion, tok, z: torch.Tensor, labels: torch.Tensor, n_noise: int = 4,
@@ -450,21 +482,24 @@ def fcs_loss(guide: ARDiffusion, tok, z: torch.Tensor, labels: torch.Tensor, n_n
 
 
 def csd_loss(z: torch.Tensor, logp: torch.Tensor, guide: ARDiffusion, f_guide: torch.Tensor, codebook: torch.Tensor,
-             t_min: float = 0.02, t_max: float = 0.98, share: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict]:
+             t_min: float = 0.02, t_max: float = 0.98, share: tuple[int, int] = (0, 1),
+             weight: str = "token") -> tuple[torch.Tensor, dict]:
     """Conditional score distillation (DD2 Eq. 4, SiD form with α = 1) for generator samples z [B, L, D] (with
     gradient). logp [B, L, V]: the teacher's conditionals given sg(z_<i); f_guide [B, L, dim]: ψ's features of
     sg(z) (both computed without gradient: the prefix stop-gradient). Per token t ~ U[t_min, t_max], x_t =
     (1 − t) eps + t z;  m_Φ = E_Φ[c | x_t] (closed form), m_ψ = x_t + (1 − t) v_ψ(x_t, t, f_i) (ψ's weights frozen,
     the gradient flows through x_t);  loss = mean_i ω_i (m_Φ − m_ψ)·(m_ψ − z_i), ω_i = 1 / mean_D |z_i − m_Φ|
-    (no gradient). In x̂0 form the paper's t_DD2 = 1 − t and α_t = 1 − t_DD2 = t: the same expression.
-    share: (rank, world) of a data-parallel run (`_noised`)."""
+    (no gradient; weight = "sequence": ω = 1 / mean_{L,D} |z − m_Φ| per sequence, SiD's per-image form, so tokens
+    far from the teacher's mean keep their larger pull). In x̂0 form the paper's t_DD2 = 1 − t and α_t = 1 − t_DD2
+    = t: the same expression. share: (rank, world) of a data-parallel run (`_noised`)."""
     B, L, D = z.shape
     t, _, x = _noised(z, t_min, t_max, share)
     m_real = flow.posterior_mean(x.reshape(-1, D), t.reshape(-1), logp.reshape(B * L, -1), codebook).view(B, L, D)
     m_fake = flow.mean_from_velocity(x.reshape(-1, D), t.reshape(-1),
                                      guide.velocity(x, t, f_guide).reshape(-1, D)).view(B, L, D)
     with torch.no_grad():
-        w = 1.0 / (z - m_real).abs().mean(-1, keepdim=True).clamp_min(1e-5)
+        dims = {"token": (-1,), "sequence": (-2, -1)}[weight]
+        w = 1.0 / (z - m_real).abs().mean(dims, keepdim=True).clamp_min(1e-5)
     loss = (w * (m_real - m_fake) * (m_fake - z)).sum(-1).mean()
     return loss, {"csd": loss.item(), "gap": (m_real - m_fake).detach().pow(2).sum(-1).mean().item()}
 
@@ -493,6 +528,9 @@ class DistillConfig:
     log_every: int = 5
     seed: int = 0
     precision: str = "fp32"       # "bf16": networks under bf16 autocast (the closed-form teacher posterior stays fp32)
+    out_tau: float = 0.0          # the generator's output layer: 0 = the jump's vector; > 0 = `soft_snap` at this
+    out_tau_end: float = 0.0      # temperature, annealed geometrically to out_tau_end at the last update (0: constant)
+    csd_weight: str = "token"     # the CSD loss's normalisation ω per token (DD2) or per "sequence" (SiD's per image)
 
 
 def _warm(lr: float, step: int, warmup: int) -> float:
@@ -507,6 +545,13 @@ def gen_lr(cfg: DistillConfig, step: int) -> float:
     span = max(1, cfg.n_steps - 1 - cfg.warmup_steps)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
     return cfg.lr_gen * (cfg.lr_gen_decay_to + (1 - cfg.lr_gen_decay_to) * cos)
+
+
+def out_tau(cfg: DistillConfig, step: int) -> float:
+    """The generator's output temperature at update `step` (0-based): out_tau → out_tau_end geometrically."""
+    if cfg.out_tau <= 0 or cfg.out_tau_end <= 0:
+        return cfg.out_tau
+    return cfg.out_tau * (cfg.out_tau_end / cfg.out_tau) ** (min(step, cfg.n_steps - 1) / max(1, cfg.n_steps - 1))
 
 
 def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.Tensor, sampling, num_classes: int,
@@ -529,6 +574,8 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
         raise ValueError(f"distill: batch_size {cfg.batch_size} does not split evenly across {world} processes")
     if cfg.teacher_prefix not in ("continuous", "codes"):
         raise ValueError(f"distill: teacher_prefix must be 'continuous' or 'codes', got {cfg.teacher_prefix!r}")
+    if cfg.csd_weight not in ("token", "sequence"):
+        raise ValueError(f"distill: csd_weight must be 'token' or 'sequence', got {cfg.csd_weight!r}")
     share = (dist.rank(), world)
     torch.manual_seed(cfg.seed)
     gen.to(device).train()
@@ -541,7 +588,7 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_gen, betas=cfg.betas)
     opt_f = torch.optim.Adam(guide.parameters(), lr=cfg.lr_guide, betas=cfg.betas)
     fingerprint = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
-                   "model_config": gen.config}
+                   "model_config": copy.deepcopy(gen.config)}
     step, n_guide, history, aligned = 0, 0, [], False
     ck = io.load_checkpoint(ckpt_path, map_location=device) if ckpt_path.is_file() else None
     if ck is not None and ck.get("fingerprint") != fingerprint:
@@ -608,6 +655,8 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
                     guide_update(labels_draw())
                 aligned = True
                 save()
+            for model in (gen, ema):
+                model.set_out_tau(out_tau(cfg, step))
             k = cfg.k_after if aligned else cfg.k_guide
             labels = labels_draw()
             fcs = sum(guide_update(labels) for _ in range(k)) / max(k, 1)
@@ -619,7 +668,8 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
                     zt = zc if cfg.teacher_prefix == "continuous" else snap(zc, codebook)
                     logp = teacher_logp(teacher, tok, zt, labels, sampling).float()
                     f_guide = guide.features(seq_input(tok, zc), labels)
-                loss, logs = csd_loss(z, logp, guide, f_guide, codebook, cfg.t_min, cfg.t_max, share)
+                loss, logs = csd_loss(z, logp, guide, f_guide, codebook, cfg.t_min, cfg.t_max, share,
+                                      cfg.csd_weight)
             check(loss, "generator (CSD)")
             for group in opt_g.param_groups:
                 group["lr"] = gen_lr(cfg, step)

@@ -3,15 +3,15 @@
 For VAR the teacher reads vectors as it is; for LlamaGen the continuous-input teacher Φ is rebuilt as the notebook
 builds it (its teacher samples and input-MLP fit under base.seed, the KL fine-tuning read back from the run's
 finished `adapt_state.pt`, given with --adapt_state; the train_dd2.llamagen sizes of --params). Reads a
-`distill_state.pt` that `08_train_dd2` wrote (its own settings are in the checkpoint's fingerprint), starts
-the generator from that run's EMA weights (G ← EMA, as a performance alignment does) and the guidance network from
+`distill_state.pt` that `08_train_dd2` wrote (its own settings are in the checkpoint's fingerprint), starts the
+generator from that run's EMA weights (G ← EMA, as a performance alignment does) and the guidance network from
 its last weights, and runs `n_steps` more generator updates with fresh optimizers, the learning rates, batch size,
-k_guide, teacher_prefix and CSD time range given here, no warm-up, and the distillation seed base.seed + 100 (the
-same for every setting, so runs differ only in the setting). A fresh progressive EMA starts at G. The probe of
-`08_train_dd2` (500 one-step samples, labels i mod classes, noise seed base.seed + 7) scores the EMA every `every`
-updates and the last online weights at the end; the mean distance of the generator's vectors to their nearest code
-(over the codebook's median nearest-neighbour distance) is taken at the start and the end. Writes <out>/<name>.json;
-compare settings at equal compute (batch × k_guide × updates).
+k_guide, teacher_prefix, CSD time range, output temperature (`out_tau`) and CSD weighting given here, no
+warm-up, and the distillation seed base.seed + 100 (the same for every setting, so runs differ only in the setting). A fresh
+progressive EMA starts at G. The probe of `08_train_dd2` (500 one-step samples, labels i mod classes, noise seed
+base.seed + 7) scores the EMA every `every` updates and the last online weights at the end; the mean distance of the
+generator's vectors to their nearest code (over the codebook's median nearest-neighbour distance) is taken at the
+start and the end. Writes <out>/<name>.json; compare settings at equal compute (batch × k_guide × updates).
 
     python scripts/dd2_continue.py --state data/train_dd2/var/distill_state.pt --name lr1e-4 --lr_gen 1e-4
     python scripts/dd2_continue.py --family llamagen --state data/train_dd2/llamagen/distill_state.pt \
@@ -44,6 +44,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prefix", default="continuous", choices=("continuous", "codes"), help="teacher_prefix")
     ap.add_argument("--t_min", type=float, default=0.02, help="CSD times t ~ U[t_min, t_max]")
     ap.add_argument("--t_max", type=float, default=0.98)
+    ap.add_argument("--tau", type=float, default=0.0, help="the generator's output temperature (out_tau; 0: off)")
+    ap.add_argument("--tau_end", type=float, default=0.0, help="out_tau at the last update (out_tau_end; 0: constant)")
+    ap.add_argument("--weight", default="token", choices=("token", "sequence"), help="csd_weight")
     ap.add_argument("--every", type=int, default=100, help="probe the EMA every this many updates")
     ap.add_argument("--seed", type=int, default=0, help="base.seed of the run the checkpoint comes from")
     ap.add_argument("--data", default="data", help="the pipeline's data folder (tokenizer, teacher, features)")
@@ -87,7 +90,8 @@ def main(argv=None) -> None:
     off = {"start": off_codebook(gen)}
     cfg = dd2.DistillConfig(n_steps=a.n_steps, batch_size=a.batch, lr_gen=a.lr_gen, lr_guide=a.lr_guide,
                             warmup_steps=0, k_guide=a.k_guide, n_noise=ck["fingerprint"]["config"]["n_noise"],
-                            teacher_prefix=a.prefix, t_min=a.t_min, t_max=a.t_max, seed=a.seed + 100)
+                            teacher_prefix=a.prefix, t_min=a.t_min, t_max=a.t_max, seed=a.seed + 100,
+                            out_tau=a.tau, out_tau_end=a.tau_end, csd_weight=a.weight)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -139,6 +139,31 @@ def test_csd_loss_and_gradient_vanish_when_the_guidance_is_exact():
     assert logs["gap"] > 1e-3 and z.grad.abs().max() > 1e-3
 
 
+def test_csd_weight_normalises_per_token_or_per_sequence():
+    """ω = 1 / mean |z − m_Φ| over D (per token) or over L and D (per sequence); the same draws otherwise."""
+    torch.manual_seed(0)
+    B, L, V, D = 3, 5, 7, 2
+    codebook, logp, z = torch.randn(V, D), torch.randn(B, L, V).log_softmax(-1), torch.randn(B, L, D)
+
+    class Zero(nn.Module):  # ψ's velocity 0: m_ψ = x_t + 0
+        def velocity(self, x, t, f):
+            return torch.zeros_like(x)
+
+    def manual(dims):
+        torch.manual_seed(1)
+        t, _, x = dd2._noised(z, 0.02, 0.98)
+        m_real = flow.posterior_mean(x.reshape(-1, D), t.reshape(-1), logp.reshape(-1, V), codebook).view(B, L, D)
+        w = 1 / (z - m_real).abs().mean(dims, keepdim=True)
+        return (w * (m_real - x) * (x - z)).sum(-1).mean()
+
+    losses = {}
+    for weight, dims in (("token", (-1,)), ("sequence", (-2, -1))):
+        torch.manual_seed(1)
+        losses[weight], _ = dd2.csd_loss(z, logp, Zero(), None, codebook, weight=weight)
+        torch.testing.assert_close(losses[weight], manual(dims))
+    assert abs(losses["token"] - losses["sequence"]) > 1e-3
+
+
 def test_generator_lr_warms_up_then_decays_to_its_final_fraction(tmp_path):
     """lr_gen_decay_to = 1 keeps the rate constant after the warm-up; below 1 a cosine takes it from lr_gen (first
     update after the warm-up) down to lr_gen · lr_gen_decay_to (last update), never rising; distill applies it."""
@@ -155,6 +180,44 @@ def test_generator_lr_warms_up_then_decays_to_its_final_fraction(tmp_path):
     cfg = dd2.DistillConfig(n_steps=3, batch_size=2, k_guide=1, lr_gen=1e-3, lr_gen_decay_to=0.25, log_every=1)
     out = dd2.distill(gen, guide, phi, tok, codebook, SAMPLING["llamagen"], 3, cfg, tmp_path / "d.pt")
     assert [h["lr_gen"] for h in out["history"]] == pytest.approx([1e-3, 6.25e-4, 2.5e-4])
+
+
+def test_soft_snap_goes_from_the_codebook_mean_to_the_nearest_code():
+    """soft_snap(y, C, tau) = Σ softmax(−‖y − c‖² / (tau s²)) c: the nearest code as tau → 0, the plain mean of the
+    codes as tau → ∞, the closed form in between, with a finite gradient."""
+    torch.manual_seed(0)
+    codebook, y = torch.randn(9, 3, dtype=torch.float64), torch.randn(4, 5, 3, dtype=torch.float64)
+    s = dd2.code_spacing(codebook)
+    assert s == torch.cdist(codebook, codebook).fill_diagonal_(float("inf")).min(1).values.median()
+    torch.testing.assert_close(dd2.soft_snap(y, codebook, 1e-4), dd2.snap(y, codebook))
+    torch.testing.assert_close(dd2.soft_snap(y, codebook, 1e12), codebook.mean(0).expand_as(y))
+    w = torch.exp(-((y[..., None, :] - codebook) ** 2).sum(-1) / (0.5 * s ** 2))
+    torch.testing.assert_close(dd2.soft_snap(y, codebook, 0.5), (w / w.sum(-1, keepdim=True)) @ codebook)
+    y.requires_grad_(True)
+    dd2.soft_snap(y, codebook, 0.05).sum().backward()
+    assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+
+
+def test_generator_output_temperature_anneals_and_travels_with_the_model(tmp_path):
+    """out_tau → out_tau_end geometrically over the updates; distill sets it on G and its EMA; generate soft-snaps
+    to the tokenizer's codebook; a model rebuilt from its config keeps it; out_tau = 0 leaves config as before."""
+    cfg = dd2.DistillConfig(n_steps=5, batch_size=2, out_tau=0.4, out_tau_end=0.025)
+    assert [dd2.out_tau(cfg, s) for s in range(5)] == pytest.approx([0.4, 0.2, 0.1, 0.05, 0.025])
+    assert dd2.out_tau(dd2.DistillConfig(n_steps=5, batch_size=2, out_tau=0.3), 4) == 0.3
+    tok, v, phi, codebook = tiny_setup("var")
+    gen, guide = (dd2.ARDiffusion.from_teacher(phi, head_width=16, head_depth=1) for _ in range(2))
+    plain = dict(gen.config)
+    cfg = dd2.DistillConfig(n_steps=3, batch_size=2, k_guide=1, out_tau=0.4, out_tau_end=0.1)
+    out = dd2.distill(gen, guide, phi, tok, codebook, SAMPLING["var"], 3, cfg, tmp_path / "d.pt")
+    assert gen.out_tau == out["ema"].out_tau == pytest.approx(0.1) and "out_tau" not in guide.config
+    eps, y = torch.randn(2, gen.L, gen.D), torch.tensor([0, 2])
+    q = dd2.generate(out["ema"], tok, eps, y)
+    out["ema"].set_out_tau(0.0)
+    torch.testing.assert_close(q, dd2.soft_snap(dd2.generate(out["ema"], tok, eps, y), codebook, 0.1))
+    assert out["ema"].config == plain
+    gen.set_out_tau(0.1)
+    copy_ = dd2.ARDiffusion(**gen.config)
+    assert copy_.out_tau == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("family", ["llamagen", "var"])

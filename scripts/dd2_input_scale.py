@@ -1,0 +1,82 @@
+"""Diagnostic: does the scale at which DD2's generator reads its noise matter?
+
+The generator's backbone reads the noise sequence in the place of the data (`dd2.generate`), but the noise is N(0, I)
+while the code vectors are much smaller (per-dimension rms 0.35 for this LlamaGen codebook, 0.15 for VAR's), so the
+backbone starts far outside what it was trained on. With --scale, the backbone reads eps · rms(codes) instead (the
+head still reads eps itself, so the output is q_i = eps_i + v(eps_i, 0, f_i(rms · eps_<i))): `dd2.generate` is
+replaced for this process only. Either way the distillation starts from the committed AR-diffusion model
+(`data/train_dd2/<family>/gts_full_state.pt`; LlamaGen: its Φ rebuilt from the run's `adapt_state.pt`) with the
+family's `train_dd2` settings of params.yaml and seed 0, and the probe of `08_train_dd2` (500 one-step samples,
+labels i mod classes, noise seed 7) scores the EMA every 50 updates; without --scale the curve is the pipeline's own.
+
+    python scripts/dd2_input_scale.py --family llamagen --scale --name llamagen_scaled
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dd import dd1, dd2, io, metrics, params, teachers
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", default="llamagen", choices=("llamagen", "var"))
+    ap.add_argument("--scale", action="store_true", help="the backbone reads eps · rms(codes)")
+    ap.add_argument("--name", required=True, help="the result file's name")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", default="data", help="the pipeline's data folder")
+    ap.add_argument("--out", default="reports/ablations/dd2_input_scale")
+    a = ap.parse_args(argv)
+    family, dev, root = a.family, torch.device("cpu"), Path(a.data)
+    fam = teachers.family(family)
+    tok = teachers.load_model(io.path(root / "train_tokenizer", family), "tokenizer",
+                              fam.Tokenizer).eval().requires_grad_(False)
+    teacher = teachers.load_model(io.path(root / "train_teacher", family), "teacher",
+                                  fam.Teacher).eval().requires_grad_(False)
+    ends = dd1.step_ends(teacher)
+    _, samples_meta = io.read_checked(io.path(root / "sample_teacher", family), "samples.safetensors")
+    sampling = params.parse("sample_teacher", samples_meta["sampling"], family)
+    net, ref, feat_meta = metrics.load_feature_space(root / "features", dev)
+    num_classes = io.read_json(io.path(root / "train_tokenizer", family, "meta.json"))["num_classes"]
+    codebook = fam.codebook(tok).float()
+    cfg = params.load(a.params)["train_dd2"][family]
+    run = root / "train_dd2" / family
+    phi = teacher
+    if family == "llamagen":
+        phi, _ = dd2.rebuild_phi(tok, teacher, codebook, sampling, num_classes, cfg, 0, run / "adapt_state.pt", dev)
+    ardiff = dd2.ARDiffusion.from_teacher(phi, cfg.head_width, cfg.head_depth)
+    ardiff.load_state_dict(torch.load(run / "gts_full_state.pt", map_location="cpu", weights_only=False)["model"])
+    rms = codebook.pow(2).mean().sqrt().item() if a.scale else 1.0
+
+    def generate(gen, tok_, eps, labels):  # dd2.generate with the backbone's noise scaled
+        return eps + gen.velocity(eps, 0.0, gen.features(dd2.seq_input(tok_, eps * rms), labels))
+
+    dd2.generate = generate  # distill and Probe look it up in dd2 at each call
+    gen, guide = copy.deepcopy(ardiff), copy.deepcopy(ardiff)
+    dcfg = dd2.DistillConfig(n_steps=cfg.n_steps, batch_size=cfg.batch_size, lr_gen=cfg.lr_gen, lr_guide=cfg.lr_guide,
+                             warmup_steps=cfg.warmup_steps, lr_gen_decay_to=cfg.lr_gen_decay_to, k_guide=cfg.k_guide,
+                             n_noise=cfg.n_noise, t_min=cfg.t_min, t_max=cfg.t_max,
+                             teacher_prefix=cfg.teacher_prefix, ema_max=cfg.ema_max, seed=0)
+    noise = torch.randn(500, ends[-1], codebook.shape[1], generator=torch.Generator().manual_seed(7))
+    probe = dd2.Probe(tok, net, ref, feat_meta["dataset"], feat_meta["k_nn"], torch.arange(500) % num_classes, noise,
+                      50, cfg.n_steps, 250, dev)
+    probe(0, gen)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    dd2.distill(gen, guide, phi, tok, codebook, sampling, num_classes, dcfg, out / f"{a.name}.pt", dev, desc=a.name,
+                on_step=probe)
+    result = {"args": vars(a), "rms": rms, "seconds": time.perf_counter() - t0 - probe.seconds, "probe": probe.records}
+    io.write_json(out / f"{a.name}.json", result)
+    (out / f"{a.name}.pt").unlink()  # only the figures are kept
+    print(json.dumps(result["probe"]))
+
+
+if __name__ == "__main__":
+    main()
