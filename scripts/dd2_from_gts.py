@@ -1,15 +1,18 @@
-"""Diagnostic: does the scale at which DD2's generator reads its noise matter?
+"""Diagnostic: the pipeline's DD2 distillation rerun from its committed AR-diffusion model with one change.
 
-The generator's backbone reads the noise sequence in the place of the data (`dd2.generate`), but the noise is N(0, I)
-while the code vectors are much smaller (per-dimension rms 0.35 for this LlamaGen codebook, 0.15 for VAR's), so the
-backbone starts far outside what it was trained on. With --scale, the backbone reads eps · rms(codes) instead (the
-head still reads eps itself, so the output is q_i = eps_i + v(eps_i, 0, f_i(rms · eps_<i))): `dd2.generate` is
-replaced for this process only. Either way the distillation starts from the committed AR-diffusion model
-(`data/train_dd2/<family>/gts_full_state.pt`; LlamaGen: its Φ rebuilt from the run's `adapt_state.pt`) with the
-family's `train_dd2` settings of params.yaml and seed 0, and the probe of `08_train_dd2` (500 one-step samples,
-labels i mod classes, noise seed 7) scores the EMA every 50 updates; without --scale the curve is the pipeline's own.
+Starts from `data/train_dd2/<family>/gts_full_state.pt` (LlamaGen: its Φ rebuilt from the run's `adapt_state.pt`)
+with the family's `train_dd2` settings of params.yaml and seed 0; the probe of `08_train_dd2` (500 one-step samples,
+labels i mod classes, noise seed 7) scores the EMA every 50 updates. Without options the curve is the pipeline's own.
 
-    python scripts/dd2_input_scale.py --family llamagen --scale --name llamagen_scaled
+--scale: the generator's backbone reads the noise at the codes' scale. It reads the noise sequence in the place of
+the data (`dd2.generate`), but the noise is N(0, I) while the code vectors are much smaller (per-dimension rms 0.35
+for this LlamaGen codebook, 0.15 for VAR's), so the backbone starts far outside what it was trained on. With
+--scale it reads eps · rms(codes) (the head still reads eps: q_i = eps_i + v(eps_i, 0, f_i(rms · eps_<i))), by
+replacing `dd2.generate` for this process only.
+--weight sequence: the CSD loss's ω per sequence (`DistillConfig.csd_weight`) instead of per token.
+
+    python scripts/dd2_from_gts.py --family llamagen --scale --name llamagen_scaled
+    python scripts/dd2_from_gts.py --family var --weight sequence --name var_wseq
 """
 from __future__ import annotations
 
@@ -28,10 +31,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", default="llamagen", choices=("llamagen", "var"))
     ap.add_argument("--scale", action="store_true", help="the backbone reads eps · rms(codes)")
+    ap.add_argument("--weight", default="token", choices=("token", "sequence"), help="csd_weight")
     ap.add_argument("--name", required=True, help="the result file's name")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", default="data", help="the pipeline's data folder")
-    ap.add_argument("--out", default="reports/ablations/dd2_input_scale")
+    ap.add_argument("--out", default="reports/ablations/dd2_from_gts")
     a = ap.parse_args(argv)
     family, dev, root = a.family, torch.device("cpu"), Path(a.data)
     fam = teachers.family(family)
@@ -57,12 +61,13 @@ def main(argv=None) -> None:
     def generate(gen, tok_, eps, labels):  # dd2.generate with the backbone's noise scaled
         return eps + gen.velocity(eps, 0.0, gen.features(dd2.seq_input(tok_, eps * rms), labels))
 
-    dd2.generate = generate  # distill and Probe look it up in dd2 at each call
+    if a.scale:
+        dd2.generate = generate  # distill and Probe look it up in dd2 at each call
     gen, guide = copy.deepcopy(ardiff), copy.deepcopy(ardiff)
     dcfg = dd2.DistillConfig(n_steps=cfg.n_steps, batch_size=cfg.batch_size, lr_gen=cfg.lr_gen, lr_guide=cfg.lr_guide,
                              warmup_steps=cfg.warmup_steps, lr_gen_decay_to=cfg.lr_gen_decay_to, k_guide=cfg.k_guide,
                              n_noise=cfg.n_noise, t_min=cfg.t_min, t_max=cfg.t_max,
-                             teacher_prefix=cfg.teacher_prefix, ema_max=cfg.ema_max, seed=0)
+                             teacher_prefix=cfg.teacher_prefix, ema_max=cfg.ema_max, seed=0, csd_weight=a.weight)
     noise = torch.randn(500, ends[-1], codebook.shape[1], generator=torch.Generator().manual_seed(7))
     probe = dd2.Probe(tok, net, ref, feat_meta["dataset"], feat_meta["k_nn"], torch.arange(500) % num_classes, noise,
                       50, cfg.n_steps, 250, dev)
