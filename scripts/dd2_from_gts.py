@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dd import dd1, dd2, io, metrics, params, teachers
+from dd import dd2, io, metrics, methods, params
 
 
 def main(argv=None) -> None:
@@ -34,23 +34,15 @@ def main(argv=None) -> None:
     ap.add_argument("--weight", default="token", choices=("token", "sequence"), help="csd_weight")
     ap.add_argument("--name", required=True, help="the result file's name")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--data", default="data", help="the pipeline's data folder")
     ap.add_argument("--out", default="reports/ablations/dd2_from_gts")
     a = ap.parse_args(argv)
-    family, dev, root = a.family, torch.device("cpu"), Path(a.data)
-    fam = teachers.family(family)
-    tok = teachers.load_model(io.path(root / "train_tokenizer", family), "tokenizer",
-                              fam.Tokenizer).eval().requires_grad_(False)
-    teacher = teachers.load_model(io.path(root / "train_teacher", family), "teacher",
-                                  fam.Teacher).eval().requires_grad_(False)
-    ends = dd1.step_ends(teacher)
-    _, samples_meta = io.read_checked(io.path(root / "sample_teacher", family), "samples.safetensors")
-    sampling = params.parse("sample_teacher", samples_meta["sampling"], family)
-    net, ref, feat_meta = metrics.load_feature_space(root / "features", dev)
-    num_classes = io.read_json(io.path(root / "train_tokenizer", family, "meta.json"))["num_classes"]
-    codebook = fam.codebook(tok).float()
+    family, dev = a.family, torch.device("cpu")
+    f = methods.load(family, need_students=False)  # the pipeline's tokenizer, teacher, sampling settings
+    tok, teacher, codebook, sampling, ends = f.tok, f.teacher, f.codebook, f.sampling, f.ends
+    num_classes = teacher.num_classes
+    net, ref, feat_meta = metrics.load_feature_space("data/features", dev)
     cfg = params.load(a.params)["train_dd2"][family]
-    run = root / "train_dd2" / family
+    run = Path(methods.DIRS["dd2"]) / family
     phi = teacher
     if family == "llamagen":
         phi, _ = dd2.rebuild_phi(tok, teacher, codebook, sampling, num_classes, cfg, 0, run / "adapt_state.pt", dev)
