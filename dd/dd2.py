@@ -515,8 +515,8 @@ class DistillConfig:
     teacher_prefix: str = "continuous"  # the teacher's conditionals given the generator's prefix as is, or snapped
                                         # to the nearest codes ("codes")
     k_guide: int = 5              # ψ updates per generator update (two time-scale rule)
-    align_at: int = 0             # generator step of the performance alignment (0 = none)
-    align_steps: int = 0          # ψ-only updates of the alignment (G frozen at its EMA)
+    align_at: int = 0             # generator step of the performance alignment (0: before the first update)
+    align_steps: int = 0          # ψ-only updates of the alignment (G frozen at its EMA; 0 = no alignment)
     k_after: int = 2              # ψ updates per G update after the alignment
     n_noise: int = 4              # (t, eps) draws per sequence in the FCS loss
     t_min: float = 0.02
@@ -648,7 +648,7 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
         bar = tqdm(total=cfg.n_steps, initial=step, desc=desc, mininterval=2.0, disable=not main)
         while step < cfg.n_steps:
             guide.requires_grad_(True)
-            if cfg.align_at and step == cfg.align_at and not aligned:
+            if cfg.align_steps and step == cfg.align_at and not aligned:
                 gen.load_state_dict(ema.state_dict())  # performance alignment: G ← EMA, then ψ catches up alone
                 for _ in tqdm(range(cfg.align_steps), desc=f"{desc} alignment", mininterval=2.0, leave=False,
                               disable=not main):

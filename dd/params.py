@@ -245,8 +245,8 @@ class TrainDD2:
                                  "given the generator's prefix as it is, or snapped to the nearest codes (what the "
                                  "discrete teacher was trained on; free: the prefix carries no gradient)")
     k_guide: int = num(5, "guidance updates per generator update", lo=1)
-    align_at: int = num(0, "generator step of the performance alignment (0: none)", lo=0)
-    align_steps: int = num(0, "guidance-only updates of the alignment", lo=0)
+    align_at: int = num(0, "generator step of the performance alignment (0: before the first update)", lo=0)
+    align_steps: int = num(0, "guidance-only updates of the alignment (0: no alignment)", lo=0)
     k_after: int = num(2, "guidance updates per generator update after the alignment", lo=1)
     t_min: float = num(0.02, "CSD times t ~ U[t_min, t_max] (t = 0 noise, t = 1 data)", lo=0.0, hi=1.0, lo_open=True)
     t_max: float = num(0.98, "upper end of the CSD times", lo=0.0, hi=1.0, lo_open=True)

@@ -7,7 +7,8 @@ finished `adapt_state.pt`, given with --adapt_state; the train_dd2.llamagen size
 generator from that run's EMA weights (G ← EMA, as a performance alignment does) and the guidance network from
 its last weights, and runs `n_steps` more generator updates with fresh optimizers, the learning rates, batch size,
 k_guide, teacher_prefix, CSD time range, output temperature (`out_tau`) and CSD weighting given here, no
-warm-up, and the distillation seed base.seed + 100 (the same for every setting, so runs differ only in the setting). A fresh
+warm-up, the distillation seed base.seed + 100 (the same for every setting, so runs differ only in the setting),
+optionally after a performance alignment's guidance-only catch-up (--align_steps, then --k_after per update). A fresh
 progressive EMA starts at G. The probe of `08_train_dd2` (500 one-step samples, labels i mod classes, noise seed
 base.seed + 7) scores the EMA every `every` updates and the last online weights at the end; the mean distance of the
 generator's vectors to their nearest code (over the codebook's median nearest-neighbour distance) is taken at the
@@ -41,6 +42,9 @@ def main(argv=None) -> None:
     ap.add_argument("--lr_gen", type=float, default=3e-4)
     ap.add_argument("--lr_guide", type=float, default=5e-4)
     ap.add_argument("--k_guide", type=int, default=2)
+    ap.add_argument("--align_steps", type=int, default=0,
+                    help="performance alignment first: this many guidance-only updates against G = EMA (0: none)")
+    ap.add_argument("--k_after", type=int, default=2, help="guidance updates per generator update after alignment")
     ap.add_argument("--prefix", default="continuous", choices=("continuous", "codes"), help="teacher_prefix")
     ap.add_argument("--t_min", type=float, default=0.02, help="CSD times t ~ U[t_min, t_max]")
     ap.add_argument("--t_max", type=float, default=0.98)
@@ -89,7 +93,8 @@ def main(argv=None) -> None:
 
     off = {"start": off_codebook(gen)}
     cfg = dd2.DistillConfig(n_steps=a.n_steps, batch_size=a.batch, lr_gen=a.lr_gen, lr_guide=a.lr_guide,
-                            warmup_steps=0, k_guide=a.k_guide, n_noise=ck["fingerprint"]["config"]["n_noise"],
+                            warmup_steps=0, k_guide=a.k_guide, align_at=0, align_steps=a.align_steps,
+                            k_after=a.k_after, n_noise=ck["fingerprint"]["config"]["n_noise"],
                             teacher_prefix=a.prefix, t_min=a.t_min, t_max=a.t_max, seed=a.seed + 100,
                             out_tau=a.tau, out_tau_end=a.tau_end, csd_weight=a.weight)
     out = Path(a.out)

@@ -291,6 +291,20 @@ def test_distill_resumes_exactly_and_stops_on_nan(family, tmp_path, monkeypatch)
         dd2.distill(gen, guide, phi, tok, codebook, SAMPLING[family], 3, cfg, tmp_path / "nan.pt")
 
 
+def test_alignment_before_the_first_update(tmp_path):
+    """align_at 0 with align_steps > 0 aligns before the first generator update (how a converged run is aligned,
+    paper App. C.3): ψ alone takes align_steps updates, then k_after per generator update; align_steps 0: none."""
+    tok, gpt, phi, codebook = tiny_setup("var")
+    counts = {}
+    for align_steps in (0, 3):
+        gen, guide = dd2.ARDiffusion.from_teacher(phi, 32, 1), dd2.ARDiffusion.from_teacher(phi, 32, 1)
+        cfg = dd2.DistillConfig(n_steps=2, batch_size=3, k_guide=2, align_at=0, align_steps=align_steps, k_after=1,
+                                log_every=1)
+        out = dd2.distill(gen, guide, phi, tok, codebook, SAMPLING["var"], 3, cfg, tmp_path / f"a{align_steps}.pt")
+        counts[align_steps] = ([h["guide_updates"] for h in out["history"]], out["aligned"])
+    assert counts == {0: ([2, 4], False), 3: ([4, 5], True)}
+
+
 @pytest.mark.parametrize("family", ["llamagen", "var"])
 def test_multistep_sampling_keeps_the_generator_prefix(family):
     tok, gpt, phi, codebook = tiny_setup(family)
