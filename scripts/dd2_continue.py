@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     noise = torch.randn(500, ends[-1], codebook.shape[1], generator=torch.Generator().manual_seed(a.seed + 7))
     probe = dd2.Probe(tok, net, ref, feat_meta["dataset"], feat_meta["k_nn"], labels, noise, a.every, a.n_steps,
                       250, dev)
-    spacing = torch.cdist(codebook, codebook).fill_diagonal_(float("inf")).min(1).values.median()
+    spacing = dd2.code_spacing(codebook)
 
     @torch.no_grad()
     def off_codebook(model):  # mean distance of 250 probe samples' vectors to their nearest code / code spacing

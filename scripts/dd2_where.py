@@ -30,7 +30,7 @@ import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from dd import dd1, methods, metrics, params  # noqa: E402
+from dd import dd1, dd2, methods, metrics, params  # noqa: E402
 
 
 @torch.no_grad()
@@ -63,8 +63,7 @@ def main(argv=None) -> None:
     labels = torch.arange(a.n) % f.teacher.num_classes
     noise = torch.randn(a.n, *f.shape, generator=torch.Generator().manual_seed(seed + 7))
     cb = f.codebook
-    nn_dist = torch.cdist(cb, cb).fill_diagonal_(float("inf")).min(1).values
-    spacing = nn_dist.median().item()
+    spacing = dd2.code_spacing(cb).item()
     rows, steps = [], []
     n_ar = len(f.ends)
     runs = [("teacher", None), ("onestep*", None), ("dd1 1-step", None), ("dd2 1-step", 1),
