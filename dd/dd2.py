@@ -588,11 +588,13 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_gen, betas=cfg.betas)
     opt_f = torch.optim.Adam(guide.parameters(), lr=cfg.lr_guide, betas=cfg.betas)
     fingerprint = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
-                   "model_config": copy.deepcopy(gen.config)}
+                   "model_config": copy.deepcopy(gen.config),
+                   "inputs": train.inputs_digest([m for m in (gen, guide, teacher, tok) if isinstance(m, nn.Module)],
+                                                 {"codebook": codebook})}
     step, n_guide, history, aligned = 0, 0, [], False
     ck = io.load_checkpoint(ckpt_path, map_location=device) if ckpt_path.is_file() else None
     if ck is not None and ck.get("fingerprint") != fingerprint:
-        print(f"{ckpt_path}: written by a run with other settings; starting afresh")
+        print(f"{ckpt_path}: written by a run with other settings, weights or data; starting afresh")
         ck = None
     if ck is not None:
         gen.load_state_dict(ck["gen"]), guide.load_state_dict(ck["guide"]), ema.load_state_dict(ck["ema"])

@@ -84,11 +84,13 @@ def _dd1_table(metrics_dir: Path) -> list[str]:
                      f"{dd1['train_seconds'] / 60:.1f}", _fmt(m["teacher"][fid]) + f" ({m['teacher']['steps']})",
                      _fmt(m["onestep*"][fid]), _fmt(m["dd1 1-step"][fid]), _fmt(m["dd1 2-step"][fid]),
                      f"{_fmt(m[mixed][fid])} ({m[mixed]['steps']})" if mixed else "–",
+                     f"{dd1['onestep_gap_closed']:.0%}" if "onestep_gap_closed" in dd1 else "–",
                      f"{m['dd1 1-step']['class_acc']:.1%}", f"{dd1['speedup_tokens_batch1']:.0f}×"])
     if not rows:
         return []
     head = ["family", "pairs", "pairs min", "DD1 train min", f"{fid} teacher (steps)", "onestep*", "DD1 1-step",
-            "DD1 2-step", "teacher-mixed (steps)", "class acc 1-step", "speed-up 1-step (batch 1, tokens)"]
+            "DD1 2-step", "teacher-mixed (steps)", "onestep* → teacher distance closed by 1-step", "class acc 1-step",
+            "speed-up 1-step (batch 1, tokens)"]
     return ["", f"**DD1** (`build_trajectories`, `train_dd1`; {fid} of {n} samples, same labels for every method):",
             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
             *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]

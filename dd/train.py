@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -107,6 +108,26 @@ def deterministic(device: torch.device | str):
 
 
 @torch.no_grad()
+def inputs_digest(modules, data: dict[str, torch.Tensor] | None = None) -> str:
+    """A checksum of what a run starts from: its networks' initial weights and its data.
+
+    Part of every resume fingerprint, so a checkpoint left by a run that started from other weights or other data
+    (an upstream stage re-ran: a new teacher, new pairs) is never resumed. Per weight tensor its float64 sum and
+    absolute sum; per data tensor its shape, dtype and up to 1,024 evenly spaced rows (cheap at any scale).
+    """
+    h = hashlib.sha256()
+    for i, m in enumerate(modules):
+        for name, t in [*m.named_parameters(), *m.named_buffers()]:
+            t = t.detach().double()
+            h.update(f"{i}.{name}{tuple(t.shape)}{t.sum().item():.12e}{t.abs().sum().item():.12e}".encode())
+    for k, v in sorted((data or {}).items()):
+        rows = v[torch.linspace(0, len(v) - 1, min(len(v), 1024)).long()] if len(v) else v
+        h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
+        h.update(rows.detach().cpu().double().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1 - decay)
@@ -143,12 +164,12 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
     step, history = 0, []
     fingerprint = {"fit_config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
-                   "model_config": getattr(model, "config", None), "n": n}
+                   "model_config": getattr(model, "config", None), "n": n, "inputs": inputs_digest([model], data)}
     if world > 1:
         fingerprint["world"] = world
     ck = io.load_checkpoint(ckpt_path, map_location=device) if ckpt_path.is_file() else None
     if ck is not None and ck.get("fingerprint") != fingerprint:  # another run's state: never resume from it
-        print(f"{ckpt_path}: written by a run with other settings; starting afresh")
+        print(f"{ckpt_path}: written by a run with other settings, weights or data; starting afresh")
         ck = None
     if ck is not None:
         model.load_state_dict(ck["model"])

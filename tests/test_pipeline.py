@@ -93,6 +93,8 @@ def test_repro_writes_reports_data_and_metrics(toy_repo):
         assert set(d["methods"]) >= {"teacher", "onestep*", "dd1 1-step", "dd1 2-step"}
         assert d["methods"]["dd1 1-step"]["steps"] == 1 and d["methods"]["teacher"]["steps"] == steps
         assert d["n_pairs"] == 40 and d["train_seconds"] > 0 and d["speedup_tokens_batch1"] > 0
+        m = {k: v[key] for k, v in d["methods"].items()}
+        assert d["onestep_gap_closed"] == pytest.approx((m["onestep*"] - m["dd1 1-step"]) / (m["onestep*"] - m["teacher"]))
         d2 = io.read_json(tmp / f"reports/metrics/train_dd2_{fam}.json")
         assert set(d2["methods"]) == {"teacher", "dd1 1-step", "ar-diffusion", "dd2 1-step", "dd2 2-step"}
         assert d2["methods"]["dd2 1-step"]["steps"] == 1 and d2["methods"]["dd2 2-step"]["steps"] == 2

@@ -125,6 +125,21 @@ def test_checkpoint_of_other_settings_is_not_resumed(tmp_path):
     assert out["resumed_from"] == 0 and out["history"][-1]["step"] == 60
 
 
+def test_checkpoint_of_other_weights_or_data_is_not_resumed(tmp_path):
+    """Same settings, but an upstream stage re-ran: other starting weights or other data start afresh."""
+    data = _setup()
+    train.fit(_model(), _loss, data, CFG, tmp_path / "ck.pt")
+    assert train.fit(_model(), _loss, data, CFG, tmp_path / "ck.pt")["resumed_from"] == 60  # same inputs: resumed
+    other_model = _model()
+    with torch.no_grad():
+        other_model[0].weight.add_(1e-3)
+    assert train.fit(other_model, _loss, data, CFG, tmp_path / "ck.pt")["resumed_from"] == 0
+    train.fit(_model(), _loss, data, CFG, tmp_path / "ck.pt")
+    other_data = {k: v.clone() for k, v in data.items()}
+    other_data["y"][-1] += 1e-3
+    assert train.fit(_model(), _loss, other_data, CFG, tmp_path / "ck.pt")["resumed_from"] == 0
+
+
 def test_bf16_autocast_trains_fp32_weights_close_to_fp32(tmp_path):
     """precision "bf16": the loss runs under bf16 autocast (its matmuls in bf16), the weights, optimizer state and
     EMA stay fp32, and training lands near the fp32 run (bf16 keeps ~3 significant digits)."""
