@@ -81,8 +81,9 @@ def methods_speed(f, table: dict, big_batch: int, repeats: int = 5, seed: int = 
 
     Two phases, each interleaved across methods. Batch 1 first: one warm-up call of every (method, part), then
     `repeats` rounds that time each of them once — the second of two back-to-back calls, so that the weights are in
-    cache, as when one model serves one request after another — and the median. Then the large batch: one warm-up and
-    max(1, repeats // 10) interleaved rounds (compute-bound calls, steadier and slow). On a shared CPU the speed of
+    cache, as when one model serves one request after another — and the median. Then the large batch:
+    max(1, repeats // 10) interleaved rounds, without a warm-up call (the batch-1 phase has already run every code
+    path; these calls are compute-bound and slow, and a warm-up doubled the phase's cost). On a shared CPU the speed of
     the same call drifts by tens of percent over seconds: interleaving spreads every method's samples over the same
     window, so that ratios (speed-ups) are not biased by when a method happened to run, and keeping the large-batch
     calls out of the batch-1 rounds keeps their after-effects (thread pools, caches) out of the latencies."""
@@ -99,9 +100,9 @@ def methods_speed(f, table: dict, big_batch: int, repeats: int = 5, seed: int = 
             out[name, "end_to_end"] = lambda m=m: decode(f.tok, m.generate(labels[:b], noise[:b], seed)[1])
         return out
 
-    def rounds(cs: dict, n: int, warm: int) -> dict:
+    def rounds(cs: dict, n: int, warm: int, prime: bool) -> dict:
         times = {k: [] for k in cs}
-        for fn in cs.values():
+        for fn in cs.values() if prime else ():
             fn()
         for _ in range(n):
             for k, fn in cs.items():
@@ -109,8 +110,8 @@ def methods_speed(f, table: dict, big_batch: int, repeats: int = 5, seed: int = 
         return times
 
     with torch.no_grad():
-        one = rounds(calls(1), repeats, warm=1)
-        big = rounds(calls(big_batch), max(1, repeats // 10), warm=0)
+        one = rounds(calls(1), repeats, warm=1, prime=True)
+        big = rounds(calls(big_batch), max(1, repeats // 10), warm=0, prime=False)
     return {name: {part: {"latency_s": statistics.median(one[name, part]),
                           "latency_rounds_s": one[name, part],
                           "throughput_img_s": big_batch / statistics.median(big[name, part]),
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="dd1: 1 or 2; dd2: k; skip: AR steps kept")
     ap.add_argument("--batch", type=int, default=256, help="batch size of the throughput measurement")
     ap.add_argument("--repeats", type=int, default=10, help="timed batch-1 rounds (median; the large batch: "
-                    "repeats // 10); one warm-up before them")
+                    "repeats // 10, without a warm-up); one warm-up before the batch-1 rounds")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
