@@ -52,6 +52,10 @@ def run(seeds: list[int], names=METHODS, n_eval: int = 1000, batch_size: int = 2
     return rows
 
 
+def _sd(v: list[float]) -> float:
+    return statistics.stdev(v) if len(v) > 1 else 0.0
+
+
 def summarise(rows: list[dict], fid_key: str, pairs=PAIRS) -> dict:
     """{family: {"methods": {name: {mean, sd of every metric}}, "pairs": {"a - b": {...}}, "gap_closed": {...}}}."""
     out = {}
@@ -66,21 +70,19 @@ def summarise(rows: list[dict], fid_key: str, pairs=PAIRS) -> dict:
             ms[name] = {}
             for k in (fid_key, "precision", "recall", "class_acc"):
                 v = [per[s][k] for s in seeds]
-                ms[name][k] = {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
+                ms[name][k] = {"mean": statistics.fmean(v), "sd": _sd(v),
                                "min": min(v), "max": max(v)}
         ps = {}
         for a, b in pairs:
             if a in by and b in by:
                 diff = [by[a][s][fid_key] - by[b][s][fid_key] for s in seeds]
-                ps[f"{a} - {b}"] = {"mean": statistics.fmean(diff),
-                                    "sd": statistics.stdev(diff) if len(diff) > 1 else 0.0,
+                ps[f"{a} - {b}"] = {"mean": statistics.fmean(diff), "sd": _sd(diff),
                                     "first_better": sum(x < 0 for x in diff), "seeds": len(diff), "per_seed": diff}
         fam = {"methods": ms, "pairs": ps, "seeds": seeds}
         if all(n in by for n in ("teacher", "onestep*", "dd1 1-step")):
             share = [(by["onestep*"][s][fid_key] - by["dd1 1-step"][s][fid_key])
                      / (by["onestep*"][s][fid_key] - by["teacher"][s][fid_key]) for s in seeds]
-            fam["gap_closed"] = {"mean": statistics.fmean(share),
-                                 "sd": statistics.stdev(share) if len(share) > 1 else 0.0, "per_seed": share}
+            fam["gap_closed"] = {"mean": statistics.fmean(share), "sd": _sd(share), "per_seed": share}
         out[family] = fam
     return out
 
@@ -103,9 +105,9 @@ def main(argv=None) -> int:
 
     dev = io.resolve_device(a.device)
     rows = run([seed + k for k in range(a.seeds)], names, ev.n_eval, ev.eval_batch, dev)
-    fid_key = next(k for k in rows[0] if k not in ("family", "method", "seed", "precision", "recall", "class_acc"))
     # the first seed is the evaluation's own draw: its figures must be the stage's
     reported = io.read_json(io.path("reports/metrics/evaluate.json"))
+    fid_key = reported["fid_key"]
     check = {f"{r['family']} {r['method']}": (r[fid_key], reported[r["family"]][r["method"]][fid_key])
              for r in rows if r["seed"] == seed}
     summary = summarise(rows, fid_key)
