@@ -163,9 +163,12 @@ def adapt_continuous_input(teacher: llamagen.GPT, codebook: torch.Tensor, data: 
     (`fit_input_mlp`, mlp_steps) and then fine-tuned (`kl_to_teacher`, adapt_steps of `train.fit` on data =
     {"tokens", "labels"} teacher samples, the last n_hold held out). The fine-tuned weights are kept only if they
     lower the held-out KL; otherwise the fitted MLP is. → (model in eval mode without gradients, report dict with
-    "mlp_mse", "kl_after_fit", "kl_after_tuning", "kept", "mlp_losses", "history")."""
+    "mlp_mse", "kl_after_fit", "kl_after_tuning", "kept", "mlp_losses", "history", "seconds"); seconds: the MLP fit's
+    wall time and the fine-tuning's (`train.fit`'s, summed over resumed runs)."""
     phi = ContinuousGPT.from_teacher(teacher, codebook.shape[1]).to(device)
+    t0 = time.perf_counter()
     mlp_losses = fit_input_mlp(phi, teacher.tok_embeddings.weight, codebook, mlp_steps)
+    seconds = time.perf_counter() - t0
     kl_fn = kl_to_teacher(teacher, codebook)
     hold = {k: v[-n_hold:].to(device) for k, v in data.items()}
     with torch.no_grad():
@@ -173,10 +176,11 @@ def adapt_continuous_input(teacher: llamagen.GPT, codebook: torch.Tensor, data: 
     fitted = copy.deepcopy(phi.state_dict())
     history = []
     if adapt_steps > 0:
-        history = train.fit(phi, kl_fn, {k: v[:-n_hold] for k, v in data.items()},
-                            train.FitConfig(n_steps=adapt_steps, batch_size=batch_size, lr=adapt_lr,
-                                            warmup_steps=min(20, adapt_steps), seed=seed),
-                            ckpt_path=ckpt_path, device=device, desc="continuous input")["history"]
+        tuned = train.fit(phi, kl_fn, {k: v[:-n_hold] for k, v in data.items()},
+                          train.FitConfig(n_steps=adapt_steps, batch_size=batch_size, lr=adapt_lr,
+                                          warmup_steps=min(20, adapt_steps), seed=seed),
+                          ckpt_path=ckpt_path, device=device, desc="continuous input")
+        history, seconds = tuned["history"], seconds + tuned["seconds"]
     phi.eval().requires_grad_(False)
     with torch.no_grad():
         kl_tuned = kl_fn(phi, hold)[0].item()
@@ -184,7 +188,7 @@ def adapt_continuous_input(teacher: llamagen.GPT, codebook: torch.Tensor, data: 
         phi.load_state_dict(fitted)
     return phi, {"mlp_mse": mlp_losses[-1] if mlp_losses else None, "kl_after_fit": kl_fit,
                  "kl_after_tuning": kl_tuned, "kept": "tuned" if kl_tuned <= kl_fit else "fitted",
-                 "mlp_losses": mlp_losses, "history": history}
+                 "mlp_losses": mlp_losses, "history": history, "seconds": seconds}
 
 
 def rebuild_phi(tok, teacher: llamagen.GPT, codebook: torch.Tensor, sampling, num_classes: int, cfg, seed: int,
@@ -561,7 +565,10 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
     holds both models, the generator's EMA, both optimizers, the step, the history and the RNG state, so an
     interrupted run resumes exactly; a non-finite loss raises `train.TrainingDiverged` naming the step and the
     last good checkpoint. on_step(step, ema), when given, runs after every generator update (e.g. a quality
-    curve; it must not draw from the global RNG). Returns {"history", "ema", "resumed_from", "aligned"}.
+    curve; it must not draw from the global RNG); what it returns other than None is kept in the checkpoint and
+    returned as "records", so a resumed run's curve is whole. Returns {"history", "ema", "resumed_from", "aligned",
+    "records", "seconds"}: seconds is the training's wall time without on_step, summed over every run that built
+    the checkpoint (a run that resumes a finished checkpoint still reports what the distillation cost).
 
     Under torchrun (`dd.dist`, `dd.launch`) every process takes rows rank::world of each global batch (labels,
     noise and the losses' (t, eps) drawn for the whole batch from the same seed on every process), gradients are
@@ -591,7 +598,7 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
                    "model_config": copy.deepcopy(gen.config),
                    "inputs": train.inputs_digest([m for m in (gen, guide, teacher, tok) if isinstance(m, nn.Module)],
                                                  {"codebook": codebook})}
-    step, n_guide, history, aligned = 0, 0, [], False
+    step, n_guide, history, aligned, records, spent = 0, 0, [], False, [], 0.0
     ck = io.load_checkpoint(ckpt_path, map_location=device) if ckpt_path.is_file() else None
     if ck is not None and ck.get("fingerprint") != fingerprint:
         print(f"{ckpt_path}: written by a run with other settings, weights or data; starting afresh")
@@ -600,15 +607,21 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
         gen.load_state_dict(ck["gen"]), guide.load_state_dict(ck["guide"]), ema.load_state_dict(ck["ema"])
         opt_g.load_state_dict(ck["opt_gen"]), opt_f.load_state_dict(ck["opt_guide"])
         step, n_guide, history, aligned = ck["step"], ck["n_guide"], ck["history"], ck["aligned"]
+        records, spent = ck.get("records", []), ck.get("seconds", 0.0)
         train._set_rng_state(ck["rng"])
     resumed_from = step
+    t_start, hooks = time.perf_counter(), 0.0  # hooks: time in on_step (reporting, not training)
+
+    def seconds():
+        return spent + time.perf_counter() - t_start - hooks
 
     def save():
         if dist.is_main():  # every process holds the same weights and RNG state
             io.save_checkpoint(ckpt_path, {
                 "gen": gen.state_dict(), "guide": guide.state_dict(), "ema": ema.state_dict(),
                 "opt_gen": opt_g.state_dict(), "opt_guide": opt_f.state_dict(), "step": step, "n_guide": n_guide,
-                "history": history, "aligned": aligned, "rng": train._rng_state(), "fingerprint": fingerprint})
+                "history": history, "aligned": aligned, "rng": train._rng_state(), "fingerprint": fingerprint,
+                "records": records, "seconds": seconds()})
         dist.barrier()
 
     def labels_draw():
@@ -693,21 +706,27 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
                 history.append({"step": step, "fcs": fcs, **logs, "lr_gen": opt_g.param_groups[0]["lr"],
                                 "guide_updates": n_guide})
                 bar.set_postfix(csd=f"{logs['csd']:.4f}", fcs=f"{fcs:.4f}")
+            if on_step is not None and main:  # before the checkpoint, which keeps what it returns
+                t_hook = time.perf_counter()
+                record = on_step(step, ema)
+                if record is not None:
+                    records.append(record)
+                hooks += time.perf_counter() - t_hook
             if step % cfg.ckpt_every == 0 or step == cfg.n_steps:
                 save()
-            if on_step is not None and main:
-                on_step(step, ema)
             bar.update(1)
         bar.close()
     guide.requires_grad_(True)
     gen.eval(), guide.eval()
-    return {"history": history, "ema": ema, "resumed_from": resumed_from, "aligned": aligned}
+    return {"history": history, "ema": ema, "resumed_from": resumed_from, "aligned": aligned, "records": records,
+            "seconds": seconds()}
 
 
 class Probe:
     """`distill`'s on_step: every `every` generator steps (and at the last, `last`), the feature-space metrics
     (`metrics.sample_metrics`) of the EMA generator's one-step samples for fixed labels [N] and noise [N, L, D].
-    `records` holds {"step", <fid name>, "class_acc"} rows, `seconds` the time spent (reporting, not training)."""
+    Returns the step's {"step", <fid name>, "class_acc"} row (None between probes), which `distill` keeps in its
+    checkpoint; `records` also collects the rows of this object's calls, `seconds` the time they took."""
 
     def __init__(self, tok, net, ref, dataset: str, k_nn: int, labels, noise, every: int, last: int,
                  batch_size: int = 250, device="cpu"):
@@ -717,9 +736,9 @@ class Probe:
         self.records, self.seconds = [], 0.0
 
     @torch.no_grad()
-    def __call__(self, step: int, ema: ARDiffusion) -> None:
+    def __call__(self, step: int, ema: ARDiffusion) -> dict | None:
         if step % self.every and step != self.last:
-            return
+            return None
         t0 = time.perf_counter()
         x = dd1.in_batches(lambda e, y: generate(ema, self.tok, e, y), self.noise, self.labels, self.batch_size)
         m = metrics.sample_metrics(self.net, self.ref, dd1.decode(self.tok, x).cpu(), self.labels.cpu(),
@@ -727,6 +746,7 @@ class Probe:
         fid = metrics.fid_name(self.dataset)
         self.records.append({"step": step, fid: m[fid], "class_acc": m["class_acc"]})
         self.seconds += time.perf_counter() - t0
+        return self.records[-1]
 
 
 # ---- 3. sampling ------------------------------------------------------------------------------------------------

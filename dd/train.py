@@ -23,6 +23,7 @@ import copy
 import hashlib
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -138,7 +139,10 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg: FitConfig,
         ckpt_path: str | Path, device: torch.device | str = "cpu", desc: str = "train",
         on_step: Callable | None = None) -> dict:
-    """Train `model` in place; return {"history": [...], "ema": module | None, "resumed_from": step}.
+    """Train `model` in place; return {"history": [...], "ema": module | None, "resumed_from": step, "seconds": s}.
+
+    seconds: wall time of the training, summed over every run that built the checkpoint (a resumed run adds the
+    time its predecessors spent, so a stage that resumes a finished checkpoint still reports what the training cost).
 
     data: tensors `[N, ...]` sharing N; each step passes `{k: v[rows].to(device)}` to `loss_fn(model, batch)`.
     on_step(model, step): optional hook after each optimizer step (e.g. codebook restarts).
@@ -162,7 +166,7 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
             (decay if p.ndim >= 2 else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
-    step, history = 0, []
+    step, history, spent = 0, [], 0.0
     fingerprint = {"fit_config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
                    "model_config": getattr(model, "config", None), "n": n, "inputs": inputs_digest([model], data)}
     if world > 1:
@@ -176,7 +180,7 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
         if ema is not None:
             ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
-        step, history = ck["step"], ck["history"]
+        step, history, spent = ck["step"], ck["history"], ck.get("seconds", 0.0)
         _set_rng_state(ck["rng_ranks"][rank] if world > 1 else ck["rng"])
     resumed_from = step
 
@@ -184,6 +188,7 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"fit: precision must be fp32 or bf16, got {cfg.precision!r}")
     compute = torch.compile(loss_fn) if cfg.torch_compile else loss_fn
+    t_start = time.perf_counter()
 
     def save():
         rng = dist.gather(_rng_state())  # every rank takes part; rank 0 writes
@@ -191,6 +196,7 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
             io.save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                 "optimizer": opt.state_dict(), "step": step, "history": history, "rng": rng[0],
+                "seconds": spent + time.perf_counter() - t_start,
                 **({"rng_ranks": rng} if world > 1 else {}), "fingerprint": fingerprint})
         dist.barrier()
 
@@ -231,4 +237,5 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
             bar.update(1)
         bar.close()
     model.eval()
-    return {"history": history, "ema": ema, "resumed_from": resumed_from}
+    return {"history": history, "ema": ema, "resumed_from": resumed_from,
+            "seconds": spent + time.perf_counter() - t_start}

@@ -262,8 +262,10 @@ def test_distill_resumes_exactly_and_stops_on_nan(family, tmp_path, monkeypatch)
 
     def run(path):
         gen, guide = fresh()
-        out = dd2.distill(gen, guide, phi, tok, codebook, SAMPLING[family], 3, cfg, path)
-        return out["ema"].state_dict(), guide.state_dict(), [h["csd"] for h in out["history"]], out["aligned"]
+        out = dd2.distill(gen, guide, phi, tok, codebook, SAMPLING[family], 3, cfg, path,
+                          on_step=lambda step, ema: {"step": step} if step % 2 else None)
+        return (out["ema"].state_dict(), guide.state_dict(), [h["csd"] for h in out["history"]], out["aligned"],
+                out["records"], out["seconds"])
 
     full = run(tmp_path / "full.pt")
     calls, csd = [0], dd2.csd_loss
@@ -278,9 +280,12 @@ def test_distill_resumes_exactly_and_stops_on_nan(family, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut.pt")
     monkeypatch.setattr(dd2, "csd_loss", csd)
-    assert torch.load(tmp_path / "cut.pt", weights_only=False)["step"] == 2
+    cut = torch.load(tmp_path / "cut.pt", weights_only=True)
+    assert cut["step"] == 2
     resumed = run(tmp_path / "cut.pt")
     assert full[3] and resumed[3] and full[2] == resumed[2]
+    assert full[4] == resumed[4] == [{"step": 1}, {"step": 3}]  # on_step's records before the cut survive it
+    assert resumed[5] > cut["seconds"] > 0  # the time before the cut counts
     for a, b in ((full[0], resumed[0]), (full[1], resumed[1])):
         assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -59,6 +59,24 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_reported_seconds_add_up_over_resumed_runs(tmp_path, monkeypatch):
+    """A resumed run reports the training time of the runs before it too (a stage that re-runs on a finished
+    checkpoint, e.g. DD2 after a DD1 change, must not report a training that cost nothing)."""
+    clock = [0.0]
+
+    def tick():  # every call of the clock is one second later
+        clock[0] += 1.0
+        return clock[0]
+
+    monkeypatch.setattr(train.time, "perf_counter", tick)
+    data = _setup()
+    first = train.fit(_model(), _loss, data, CFG, tmp_path / "ck.pt")
+    saved = torch.load(tmp_path / "ck.pt", weights_only=True)["seconds"]
+    assert first["seconds"] > 0 and saved <= first["seconds"]
+    again = train.fit(_model(), _loss, data, CFG, tmp_path / "ck.pt")  # finished: nothing left to train
+    assert again["resumed_from"] == 60 and saved < again["seconds"] <= saved + 3  # a tick or so of its own
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_interrupted_cuda_run_resumes(tmp_path):
