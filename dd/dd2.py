@@ -57,7 +57,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from . import dd1, dist, flow, io, llamagen, metrics, teachers, train, var
 from .trajectories import step_ends
@@ -126,7 +125,7 @@ def fit_input_mlp(model: ContinuousGPT, table: torch.Tensor, codebook: torch.Ten
     opt = torch.optim.Adam(model.tok_mlp.parameters(), lr=lr)
     losses = []
     with train.deterministic(codebook.device):
-        for step in tqdm(range(n_steps), desc=desc, mininterval=2.0):
+        for step in io.progress(range(n_steps), desc=desc):
             for group in opt.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / n_steps))
             loss = F.mse_loss(model.tok_mlp(codebook), table)
@@ -660,12 +659,12 @@ def distill(gen: ARDiffusion, guide: ARDiffusion, teacher, tok, codebook: torch.
 
     main = dist.is_main()
     with train.deterministic(device):
-        bar = tqdm(total=cfg.n_steps, initial=step, desc=desc, mininterval=2.0, disable=not main)
+        bar = io.progress(total=cfg.n_steps, initial=step, desc=desc, disable=not main)
         while step < cfg.n_steps:
             guide.requires_grad_(True)
             if cfg.align_steps and step == cfg.align_at and not aligned:
                 gen.load_state_dict(ema.state_dict())  # performance alignment: G ← EMA, then ψ catches up alone
-                for _ in tqdm(range(cfg.align_steps), desc=f"{desc} alignment", mininterval=2.0, leave=False,
+                for _ in io.progress(range(cfg.align_steps), desc=f"{desc} alignment", leave=False,
                               disable=not main):
                     guide_update(labels_draw())
                 aligned = True

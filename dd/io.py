@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,11 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 FORMAT_VERSION = 1
+# Set by `dd.stage` for the kernels it runs: progress bars go to the terminal, never into the executed report.
+PROGRESS_ENV = "DD_PROGRESS"
 
 
 def root() -> Path:
@@ -55,6 +59,19 @@ def path(*parts: str | Path) -> Path:
     """`root() / parts`; absolute parts pass through unchanged."""
     p = Path(*parts)
     return p if p.is_absolute() else root() / p
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A tqdm progress bar for the package's long loops (same arguments as `tqdm`).
+
+    Under `dd.stage` ($DD_PROGRESS = terminal) the bar writes to the process's own stderr (the terminal that runs
+    `dvc repro`) instead of the kernel's, so an executed notebook keeps no wall of progress lines; in an interactive
+    notebook or a plain script it behaves like tqdm. `dd.launch` relays its workers' bars the same way.
+    """
+    if os.environ.get(PROGRESS_ENV) == "terminal" and sys.__stderr__ is not None:
+        kwargs.setdefault("file", sys.__stderr__)
+    kwargs.setdefault("mininterval", 2.0)
+    return tqdm(iterable, **kwargs)
 
 
 @contextlib.contextmanager

@@ -52,8 +52,9 @@ def call(nproc: int, fn, *args, job_dir: str | Path | None = None, **kwargs):
            "-m", "dd.launch", str(job), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, _cores() // nproc)))}
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:  # the workers' output (progress bars, messages) where the caller's goes
-            print(line, end="", flush=True)
+        to_terminal = os.environ.get(io.PROGRESS_ENV) == "terminal" and sys.__stderr__ is not None
+        for line in proc.stdout:  # the workers' output where the caller's goes; progress bars ("\r") as io.progress
+            print(line, end="", flush=True, file=sys.__stderr__ if to_terminal and "\r" in line else sys.stdout)
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(f"launch.call: {getattr(fn, '__name__', fn)} on {nproc} processes failed (exit "
                            f"{proc.returncode}; the workers' messages are above); the call is kept in {job}, "

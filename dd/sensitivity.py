@@ -25,7 +25,6 @@ import sys
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import data, dd1, io, metrics, params, teachers
 
@@ -112,7 +111,7 @@ def run(seed: int = 0, n_ref: int = 10000, device="cpu", dirs: dict | None = Non
         tok = teachers.load_model(io.path(d["tokenizer"], family), "tokenizer", fam.Tokenizer).to(device)
         cb = fam.codebook(tok).float().to(device)
         generated, _ = io.read_checked(io.path(d["evaluate"]), f"{family}.safetensors")
-        for name, tokens in tqdm([(k, v) for k, v in generated.items() if k != "labels"], desc=f"{family} methods"):
+        for name, tokens in io.progress([(k, v) for k, v in generated.items() if k != "labels"], desc=f"{family} methods"):
             with torch.no_grad():
                 images = torch.cat([dd1.decode(tok, cb[t.to(device)]).cpu() for t in tokens.split(250)])
             r = {"family": family, "method": name, **spaces.distances(block_features(net, images, device=device))}

@@ -17,7 +17,6 @@ import statistics
 import sys
 
 import torch
-from tqdm.auto import tqdm
 
 from . import dd1, io, methods, metrics, params
 
@@ -42,7 +41,7 @@ def run(seeds: list[int], names=METHODS, n_eval: int = 1000, batch_size: int = 2
             raise ValueError(f"dd.spread: {family} has no method {missing}; it has: {', '.join(table)}")
         samples, _ = io.read_checked(io.path(d["samples"], family), "samples.safetensors")
         labels = samples["labels"][:n_eval].to(device)
-        for s in tqdm(seeds, desc=f"{family} seeds"):
+        for s in io.progress(seeds, desc=f"{family} seeds"):
             noise = torch.randn(len(labels), *f.shape, generator=torch.Generator().manual_seed(s)).to(device)
             for name in names:
                 _, emb = methods.run(table[name], labels, noise, s, batch_size)

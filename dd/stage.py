@@ -76,6 +76,7 @@ def run(stage: str, family: str | None = None, root: Path | None = None) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     env_root = os.environ.get("DD_ROOT")
     os.environ["DD_ROOT"] = str(root)  # the kernel inherits it: paths resolve against this root
+    os.environ[io.PROGRESS_ENV] = "terminal"  # progress bars on the terminal, not in the report (io.progress)
     # deterministic cuBLAS (train.deterministic) needs this before the kernel's first cuBLAS call
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from . import data, io, llamagen, var
 
 
 def _batches(n: int, batch_size: int, desc: str | None = None):
     starts = range(0, n, batch_size)
-    return tqdm(starts, desc=desc, mininterval=2.0) if desc and len(starts) > 4 else starts
+    return io.progress(starts, desc=desc) if desc and len(starts) > 4 else starts
 
 
 class LlamaGen:

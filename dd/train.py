@@ -30,7 +30,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import dist, io
 
@@ -201,7 +200,7 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
         dist.barrier()
 
     with deterministic(device):
-        bar = tqdm(total=cfg.n_steps, initial=step, desc=desc, mininterval=2.0, disable=not dist.is_main())
+        bar = io.progress(total=cfg.n_steps, initial=step, desc=desc, disable=not dist.is_main())
         while step < cfg.n_steps:
             rows = batch_indices(n, cfg.batch_size, step, cfg.seed)[rank::world]  # this rank's share
             batch = {k: v[rows].to(device, non_blocking=True) for k, v in data.items()}

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import dist, flow, io, train
 
@@ -115,7 +114,7 @@ def build(folder: str | Path, fam, tok, teacher, sampling, n_pairs: int, shard_s
     n_shards = -(-n_pairs // shard_size)
     mine = list(range(rank, n_shards, world))
     built = 0
-    for k in tqdm(mine, desc=f"pairs (rank {rank})", mininterval=2.0):
+    for k in io.progress(mine, desc=f"pairs (rank {rank})"):
         path = folder / SHARD.format(k)
         if path.is_file():
             continue  # resume: each shard is written atomically, so an existing one is complete
