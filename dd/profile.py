@@ -2,8 +2,8 @@
 
     dvc exp run -n gpu $(python -m dd.profile profiles/gpu.yaml)
 
-prints one `-S section.key=value` per leaf (family sections nest one level deeper), after checking every key and
-value against `dd.params` merged over the current params.yaml, so a typo stops before any compute.
+prints one `-S section.key=value` per leaf (family sections and subsections nest one level deeper), after checking
+every key and value of the profile merged over the current params.yaml, so a typo stops before any compute.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 
-from . import io
 from . import params as P
 
 
@@ -38,7 +37,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         profile = P.read_yaml(args.profile)
-        base = P.read_yaml(io.root() / "params.yaml")
+        base = P.read_yaml(P.repository_params())
         P.validate(merged(base, profile))
     except P.ParamsError as e:
         print(f"error: {args.profile}: {e}", file=sys.stderr)

@@ -28,8 +28,13 @@ def notebook_for(root: Path, stage: str) -> Path:
     return found[0]
 
 
-def declared_sections(root: Path, stage: str, family: str | None = None) -> list[tuple[str, str | None]]:
-    """The params sections a stage declares in dvc.yaml: [(section, family or None)] (dvc.yaml is the truth)."""
+def declared_sections(root: Path, stage: str, family: str | None = None) -> list[str]:
+    """The params.yaml entries a stage's notebook receives, as dvc.yaml declares them (dvc.yaml is the truth):
+    its `params` (what DVC tracks) and its `meta.untracked` (what DVC does not), `${item}` replaced by `family`.
+
+    An entry is a section (`base`), one family's part of a per-family section (`train_dd1.var`) or a single key
+    (`runtime.precision`, `evaluate.var.skip_n`).
+    """
     import yaml
 
     stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
@@ -40,22 +45,24 @@ def declared_sections(root: Path, stage: str, family: str | None = None) -> list
         if family not in spec["foreach"]:
             raise ValueError(f"stage {stage} runs per family; pass --family, one of: {', '.join(spec['foreach'])}")
         spec = spec["do"]
-    out = []
-    for entry in spec.get("params", []):
-        name = entry.replace("${item}", family or "") if isinstance(entry, str) else None
-        if name is None:
-            continue
-        section, _, fam = name.partition(".")
-        out.append((section, fam or None))
-    return out
+    entries = [*spec.get("params", []), *(spec.get("meta") or {}).get("untracked", [])]
+    return [e.replace("${item}", family or "") for e in entries if isinstance(e, str)]
 
 
-def stage_parameters(cfg: dict, sections: list[tuple[str, str | None]], family: str | None = None) -> dict:
-    """Papermill parameters of a stage: the keys of every declared section (and `family`)."""
+def stage_parameters(cfg: dict, sections: list[str], family: str | None = None) -> dict:
+    """Papermill parameters of a stage: the variables of every declared entry (`declared_sections`) and `family`.
+
+    cfg is `params.load`'s result. Two entries naming the same variable must agree (keys of different families'
+    subsections merge into one {family: value}).
+    """
     out = {}
-    for section, fam in sections:
-        values = cfg[section][fam] if fam else cfg[section]
-        out.update(P.as_dict(values))
+    for entry in sections:
+        for key, value in P.entry_parameters(cfg, entry).items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                value = {**out[key], **value}
+            elif key in out and out[key] != value:
+                raise ValueError(f"dvc.yaml: params {entry!r} passes {key} = {value!r}, another entry {out[key]!r}")
+            out[key] = value
     if family is not None:
         out["family"] = family
     return out
@@ -100,10 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("stage")
     ap.add_argument("--family", default=None, help="teacher family of a per-family stage (llamagen | var)")
     args = ap.parse_args(argv)
-    from . import io
-
     try:
-        P.load(io.root() / "params.yaml")  # fail fast, before papermill or torch start
+        P.load(P.repository_params())  # fail fast, before papermill or torch start (dd.io imports torch)
     except (P.ParamsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

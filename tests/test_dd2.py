@@ -15,8 +15,8 @@ import torch.nn as nn
 from dd import baselines, dd1, dd2, flow, llamagen, params, train, var
 from test_dd1 import PNS, tiny_gpt, tiny_var
 
-SAMPLING = {"llamagen": params.parse("sample_teacher", {"cfg_scale": 2.0, "top_k": 5}, "llamagen"),
-            "var": params.parse("sample_teacher", {"cfg": 2.0, "top_k": 5}, "var")}
+SAMPLING = {"llamagen": params.read_section("sample_teacher", "llamagen", cfg_scale=2.0, top_k=5),
+            "var": params.read_section("sample_teacher", "var", cfg=2.0, top_k=5)}
 
 
 class Lookup(nn.Module):
@@ -361,7 +361,7 @@ def test_dd2_generator_beats_onestep_star_on_enumerable_teacher(tmp_path):
     def snapped(x):
         return flow.nearest_code(x.reshape(-1, D), codebook).view(len(x), L)
 
-    sampling = params.parse("sample_teacher", {"cfg_scale": 1.0}, "llamagen")
+    sampling = params.read_section("sample_teacher", "llamagen", cfg_scale=1.0)
     g = torch.Generator().manual_seed(1)
     N, M = 4000, 4000
     labels = torch.randint(K, (N,), generator=g)
@@ -418,8 +418,8 @@ def test_distill_under_bf16_autocast_keeps_the_flow_math_in_fp32(family, tmp_pat
 def test_rebuild_phi_builds_then_reads_back_the_same_phi(tmp_path):
     """The scripts' Φ: a missing adapt_state is trained and written, a finished one read back to the same weights."""
     tok, gpt, _, codebook = tiny_setup("llamagen")
-    cfg = params.parse("train_dd2", {"n_gts_samples": 40, "sample_batch": 20, "mlp_steps": 20, "adapt_steps": 4,
-                                     "gts_batch": 8}, "llamagen")
+    cfg = params.read_section("train_dd2", "llamagen", n_gts_samples=40, sample_batch=20, mlp_steps=20, adapt_steps=4,
+                              gts_batch=8)
     state = tmp_path / "adapt_state.pt"
     phi, report = dd2.rebuild_phi(tok, gpt, codebook, SAMPLING["llamagen"], 3, cfg, 0, state)
     assert state.is_file() and report["history"][-1]["step"] == 4

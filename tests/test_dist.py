@@ -164,7 +164,7 @@ def test_distill_on_two_processes_equals_one_process(tmp_path, monkeypatch):
     codebook = torch.randn(16, 4)
     phi = dd2.ContinuousGPT.from_teacher(gpt, 4).eval()
     init = dd2.ARDiffusion.from_teacher(phi, head_width=32, head_depth=1)
-    sampling = params.parse("sample_teacher", {"cfg_scale": 2.0, "top_k": 5}, "llamagen")
+    sampling = params.read_section("sample_teacher", "llamagen", cfg_scale=2.0, top_k=5)
     cfg = dd2.DistillConfig(n_steps=3, batch_size=4, k_guide=2, ckpt_every=2, log_every=1, seed=4)
     runs = {}
     for n in (1, 2):

@@ -40,8 +40,8 @@ TOY = {
                         "head_depth": 1, "gts_head_steps": 3, "gts_full_steps": 2, "gts_batch": 8, "n_noise": 2,
                         "n_euler": 2, "n_steps": 3, "batch_size": 4, "warmup_steps": 1, "k_guide": 2, "align_at": 2,
                         "align_steps": 1, "n_eval": 20, "n_eval_ardiff": 10} for fam in ("llamagen", "var")},
-    "evaluate": {"n_eval": 20, "eval_batch": 10, "skip_llamagen": [16], "skip_var": [1], "latency_repeats": 1,
-                 "throughput_batch": 4},
+    "evaluate": {"n_eval": 20, "eval_batch": 10, "latency_repeats": 1, "throughput_batch": 4,
+                 "llamagen": {"skip_n": [16]}, "var": {"skip_n": [1]}},
 }
 
 

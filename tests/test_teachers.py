@@ -11,8 +11,8 @@ from dd import bench, params, teachers
 def tiny():
     torch.manual_seed(0)
     fam = teachers.family("llamagen")
-    tok = fam.build_tokenizer(params.parse("train_tokenizer", {"codebook_size": 16, "z_channels": 32}, "llamagen"))
-    cfg = params.parse("train_teacher", {"dim": 16, "n_layer": 1, "n_head": 1}, "llamagen")
+    tok = fam.build_tokenizer(params.read_section("train_tokenizer", "llamagen", codebook_size=16, z_channels=32))
+    cfg = params.read_section("train_teacher", "llamagen", dim=16, n_layer=1, n_head=1)
     teacher = fam.build_teacher(cfg, tok, num_classes=3, image_size=32)
     return fam, tok.eval(), teacher.eval()
 
@@ -38,7 +38,7 @@ def test_sample_is_seeded_and_uses_sampling_params(tiny):
     fam, tok, teacher = tiny
     teacher = copy.deepcopy(teacher)
     torch.nn.init.normal_(teacher.output.weight)  # no ties, so top-1 is one token
-    cfg = params.parse("sample_teacher", {"cfg_scale": 1.5, "top_k": 1}, "llamagen")
+    cfg = params.read_section("sample_teacher", "llamagen", cfg_scale=1.5, top_k=1)
     y = torch.tensor([0, 1, 2])
     a = fam.sample(tok, teacher, y, cfg, generator=torch.Generator().manual_seed(1), batch_size=2)
     b = fam.sample(tok, teacher, y, cfg, generator=torch.Generator().manual_seed(2), batch_size=2)
@@ -59,7 +59,7 @@ def test_save_load_roundtrip_and_wrong_class(tiny, tmp_path):
 
 def test_bench_reports_positive_figures(tiny):
     fam, tok, teacher = tiny
-    cfg = params.parse("sample_teacher", {}, "llamagen")
+    cfg = params.read_section("sample_teacher", "llamagen")
     out = bench.teacher_speed(fam, tok, teacher, cfg, torch.zeros(4, dtype=torch.long), big_batch=4, device="cpu",
                               repeats=1)
     assert out["tokens"]["latency_s"] > 0 and out["end_to_end"]["throughput_img_s"] > 0
@@ -69,8 +69,8 @@ def test_bench_reports_positive_figures(tiny):
 def tiny_var():
     torch.manual_seed(0)
     fam = teachers.family("var")
-    tok = fam.build_tokenizer(params.parse("train_tokenizer", {"vocab_size": 16, "z_channels": 4}, "var"))
-    cfg = params.parse("train_teacher", {"depth": 1, "embed_dim": 16, "num_heads": 2}, "var")
+    tok = fam.build_tokenizer(params.read_section("train_tokenizer", "var", vocab_size=16, z_channels=4))
+    cfg = params.read_section("train_teacher", "var", depth=1, embed_dim=16, num_heads=2)
     return fam, tok.eval(), fam.build_teacher(cfg, tok, num_classes=3, image_size=32).eval()
 
 
@@ -85,7 +85,7 @@ def test_var_family_roundtrip(tiny_var):
     loss = fam.teacher_loss_fn(tok)(teacher, {"tokens": t, "labels": y})
     nll = teachers.nll(fam, tok, teacher.eval(), t, y)
     assert math.isfinite(loss.item()) and 0 < nll < 2 * math.log(16)
-    cfg = params.parse("sample_teacher", {"top_k": 4}, "var")
+    cfg = params.read_section("sample_teacher", "var", top_k=4)
     s = fam.sample(tok, teacher, y, cfg, generator=torch.Generator().manual_seed(0))
     assert s.shape == t.shape and s.max() < 16
 

@@ -10,9 +10,9 @@ from dd import io, params, teachers, trajectories
 def tiny():
     torch.manual_seed(0)
     fam = teachers.family("llamagen")
-    tok = fam.build_tokenizer(params.parse("train_tokenizer", {"codebook_size": 8, "z_channels": 32,
-                                                               "ch_mult": [1, 2, 2, 2]}, "llamagen")).eval()
-    teacher = fam.build_teacher(params.parse("train_teacher", {"dim": 16, "n_layer": 1, "n_head": 1}, "llamagen"),
+    tok = fam.build_tokenizer(params.read_section("train_tokenizer", "llamagen", codebook_size=8, z_channels=32,
+                                                  ch_mult=[1, 2, 2, 2])).eval()
+    teacher = fam.build_teacher(params.read_section("train_teacher", "llamagen", dim=16, n_layer=1, n_head=1),
                                 tok, num_classes=2, image_size=16).eval()  # 16 px / 8 → 2x2 = 4 tokens
     torch.nn.init.normal_(teacher.output.weight, std=0.5)  # a non-uniform, label-dependent teacher
     return fam, tok, teacher
@@ -33,7 +33,7 @@ def test_step_ends_and_perturb(tiny):
 
 def test_flow_tokens_with_dirac_distributions_equal_greedy_generation(tiny):
     fam, tok, teacher = tiny
-    sampling = params.parse("sample_teacher", {"cfg_scale": 2.0, "top_k": 1}, "llamagen")
+    sampling = params.read_section("sample_teacher", "llamagen", cfg_scale=2.0, top_k=1)
     y = torch.tensor([0, 1, 1, 0])
     noise = torch.randn(4, 4, 8, generator=torch.Generator().manual_seed(1))
     greedy = fam.sample(tok, teacher, y, sampling)
@@ -42,7 +42,7 @@ def test_flow_tokens_with_dirac_distributions_equal_greedy_generation(tiny):
 
 def test_flow_tokens_are_distributed_like_teacher_samples(tiny):
     fam, tok, teacher = tiny
-    sampling = params.parse("sample_teacher", {"cfg_scale": 1.0}, "llamagen")
+    sampling = params.read_section("sample_teacher", "llamagen", cfg_scale=1.0)
     n = 4000
     y = torch.zeros(n, dtype=torch.long)
     noise = torch.randn(n, 4, 8, generator=torch.Generator().manual_seed(2))
@@ -60,7 +60,7 @@ def test_flow_tokens_are_distributed_like_teacher_samples(tiny):
 
 def test_shards_are_rank_independent_and_resume(tiny, tmp_path, monkeypatch):
     fam, tok, teacher = tiny
-    sampling = params.parse("sample_teacher", {}, "llamagen")
+    sampling = params.read_section("sample_teacher", "llamagen")
     kw = dict(n_pairs=10, shard_size=4, num_classes=2, seed=3, n_steps=8, batch_size=3)
     trajectories.build(tmp_path / "one", fam, tok, teacher, sampling, **kw)
     for rank in (0, 1):
@@ -81,7 +81,7 @@ def test_shards_are_rank_independent_and_resume(tiny, tmp_path, monkeypatch):
 
 def test_build_drops_shards_of_other_settings_and_load_pairs_counts(tiny, tmp_path, capsys):
     fam, tok, teacher = tiny
-    sampling = params.parse("sample_teacher", {}, "llamagen")
+    sampling = params.read_section("sample_teacher", "llamagen")
     kw = dict(n_pairs=6, shard_size=4, num_classes=2, seed=3, n_steps=8, batch_size=3)
     first = trajectories.build(tmp_path, fam, tok, teacher, sampling, fingerprint={"flow_steps": 8}, **kw)
     assert first["built_pairs"] == 6 and [p.name for p in first["shards"]] == ["pairs_00000.safetensors",
