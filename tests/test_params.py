@@ -44,8 +44,9 @@ def test_every_field_is_required_and_documented():
     classes |= {f.metadata["section"] for c in classes for f in dataclasses.fields(c) if f.metadata.get("section")}
     for cls in classes:
         for f in dataclasses.fields(cls):
-            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, f"{cls.__name__}.{f.name}"
-            assert f.metadata["doc"] and "\n" not in f.metadata["doc"], f"{cls.__name__}.{f.name} has no one-line doc"
+            name = f"{cls.__name__}.{f.name}"
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, name
+            assert f.metadata["doc"] and "\n" not in f.metadata["doc"], f"{name} has no one-line doc"
 
 
 def test_deleting_any_key_is_an_error_naming_it():
@@ -104,7 +105,7 @@ def test_unknown_key_and_section():
 def test_family_sections_and_lists():
     cfg = _section("train_tokenizer", "llamagen", ch_mult=[1, 2])
     assert cfg.ch_mult == [1, 2]
-    with pytest.raises(P.ParamsError, match=r"train_tokenizer\.llamagen\.ch_mult = \[1, 0\] is not allowed; a non-empty"):
+    with pytest.raises(P.ParamsError, match=r"train_tokenizer\.llamagen\.ch_mult = \[1, 0\] is not allowed; a non-"):
         _section("train_tokenizer", "llamagen", ch_mult=[1, 0])
     with pytest.raises(P.ParamsError, match="train_tokenizer has no family 'gpt'; families: llamagen"):
         P.parse("train_tokenizer", {}, "gpt")
