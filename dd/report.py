@@ -20,17 +20,17 @@ from pathlib import Path
 FAMILIES = {"llamagen": "LlamaGen-style", "var": "VAR-style"}
 
 # The papers' ImageNet-256 rows that correspond to our methods (FID-50k with Inception features, their models):
-# {family: {our method (prefix): (paper row, FID, speed-up over the teacher or None)}}. Our skip-n / mixed settings
-# drop comparable shares of the AR steps, not the same counts.
+# {family: {our method (prefix): (paper row, FID as printed there, speed-up over the teacher or None)}}.
+# Our skip-n / mixed settings drop comparable shares of the AR steps, not the same counts.
 PAPER = {
-    "llamagen": {"teacher": ("LlamaGen-L, 256 steps", 4.11, None), "skip-16": ("skip-106 of 256", 19.14, 1.7),
-                 "skip-32": ("skip-156 of 256", 80.72, 2.6), "onestep*": ("onestep*", 220.2, None),
-                 "dd1 1-step": ("DD1 1-step", 11.35, 217.8), "dd1 2-step": ("DD1 2-step", 7.58, 116.5),
-                 "dd1 mixed": ("DD1 pre-trained-41-81", 6.20, 5.7), "dd2 1-step": ("DD2 1-step", 8.59, 238.0)},
-    "var": {"teacher": ("VAR-d16, 10 steps", 4.19, None), "skip-1": ("skip-1 of 10", 9.52, 1.2),
-            "skip-2": ("skip-2 of 10", 40.09, 1.4), "onestep*": ("onestep*", 157.5, None),
-            "dd1 1-step": ("DD1 1-step", 9.94, 6.3), "dd1 2-step": ("DD1 2-step", 7.82, 3.7),
-            "dd1 mixed": ("DD1 pre-trained-4-6", 5.47, 2.1), "dd2 1-step": ("DD2 1-step (VAR-d16)", 6.21, 7.0)},
+    "llamagen": {"teacher": ("LlamaGen-L, 256 steps", "4.11", None), "skip-16": ("skip-106 of 256", "19.14", 1.7),
+                 "skip-32": ("skip-156 of 256", "80.72", 2.6), "onestep*": ("onestep*", "220.2", None),
+                 "dd1 1-step": ("DD1 1-step", "11.35", 217.8), "dd1 2-step": ("DD1 2-step", "7.58", 116.5),
+                 "dd1 mixed": ("DD1 pre-trained-41-81", "6.20", 5.7), "dd2 1-step": ("DD2 1-step", "8.59", 238.0)},
+    "var": {"teacher": ("VAR-d16, 10 steps", "4.19", None), "skip-1": ("skip-1 of 10", "9.52", 1.2),
+            "skip-2": ("skip-2 of 10", "40.09", 1.4), "onestep*": ("onestep*", "157.5", None),
+            "dd1 1-step": ("DD1 1-step", "9.94", 6.3), "dd1 2-step": ("DD1 2-step", "7.82", 3.7),
+            "dd1 mixed": ("DD1 pre-trained-4-6", "5.47", 2.1), "dd2 1-step": ("DD2 1-step (VAR-d16)", "6.21", 7.0)},
 }
 
 
@@ -50,7 +50,7 @@ def _paper(family: str, method: str) -> str:
     if key is None:
         return "–"
     row, fid, speedup = rows[key]
-    return f"{row}: {fid:g}" + (f", {speedup:g}×" if speedup else "")
+    return f"{row}: {fid}" + (f", {speedup:g}×" if speedup else "")
 
 
 def results(metrics_dir: Path) -> list[str]:

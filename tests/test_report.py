@@ -35,7 +35,7 @@ def test_results_table_rows_and_paper_column(tmp_path):
     dd1 = next(line for line in table if line.startswith("| dd1 1-step |"))
     assert "| 12.5 | 0.077 | 78.2% | 3.0 | 22.7× | DD1 1-step: 11.35, 217.8× |" in dd1
     # a mixed setting is matched to the paper's row by its prefix; a method the paper lacks gets a dash
-    assert "DD1 pre-trained-41-81: 6.2, 5.7×" in next(line for line in table if "dd1 mixed" in line)
+    assert "DD1 pre-trained-41-81: 6.20, 5.7×" in next(line for line in table if "dd1 mixed" in line)
     assert next(line for line in table if "dd2 2-step" in line).endswith("| – |")
 
 
