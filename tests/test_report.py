@@ -1,0 +1,57 @@
+"""dd.report: the README's generated blocks come from the metrics files and the executed notebooks alone."""
+import json
+
+import pytest
+
+from dd import report
+
+ROW = {"steps": 1, "fid_fmnist": 12.46, "recall": 0.0773, "class_acc": 0.782, "latency_ms": 2.99, "speedup": 22.66}
+
+
+def _reports(tmp_path):
+    metrics = tmp_path / "reports" / "metrics"
+    metrics.mkdir(parents=True)
+    evaluate = {"fid_key": "fid_fmnist", "n_eval": 1000, "device": "cpu", "threads": 2, "torch": "2.x",
+                "llamagen": {"teacher": {**ROW, "steps": 64, "speedup": 1.0}, "dd1 1-step": ROW,
+                             "dd1 mixed 8-16": {**ROW, "steps": 10}, "dd2 2-step": {**ROW, "steps": 2}},
+                "var": {"teacher": {**ROW, "steps": 6, "speedup": 1.0}}}
+    (metrics / "evaluate.json").write_text(json.dumps(evaluate))
+    for name, minutes in (("01_prepare", 0.5), ("07_train_dd1_llamagen", 2.0), ("07_train_dd1_var", 3.0)):
+        nb = {"cells": [], "metadata": {"papermill": {"duration": minutes * 60}}}
+        (tmp_path / "reports" / f"{name}.ipynb").write_text(json.dumps(nb))
+    return metrics
+
+
+def _readme():
+    blocks = [f"{s}\nstale\n{e}" for s, e in map(report._markers, report.BLOCKS)]
+    return "# title\n\n" + "\n\ntext between\n\n".join(blocks) + "\n\ntail\n"
+
+
+def test_results_table_rows_and_paper_column(tmp_path):
+    lines = report.results(_reports(tmp_path))
+    table = [line for line in lines if line.startswith("|")]
+    assert len(table[0].split("|")) - 2 <= 8  # a screen wide
+    assert "| **LlamaGen-style** |" in table[2] and any(line.startswith("| **VAR-style** |") for line in table)
+    dd1 = next(line for line in table if line.startswith("| dd1 1-step |"))
+    assert "| 12.5 | 0.077 | 78.2% | 3.0 | 22.7× | DD1 1-step: 11.35, 217.8× |" in dd1
+    # a mixed setting is matched to the paper's row by its prefix; a method the paper lacks gets a dash
+    assert "DD1 pre-trained-41-81: 6.20, 5.7×" in next(line for line in table if "dd1 mixed" in line)
+    assert next(line for line in table if "dd2 2-step" in line).endswith("| – |")
+
+
+def test_stage_times_per_family_and_total(tmp_path):
+    (line,) = report.stage_times(_reports(tmp_path).parent)
+    assert line == "`prepare` 0.5, `train_dd1` 2.0 / 3.0; **total 5.5**."
+
+
+def test_render_rewrites_every_block_and_nothing_else(tmp_path):
+    metrics = _reports(tmp_path)
+    new = report.render(_readme(), metrics)
+    assert "stale" not in new and new.startswith("# title\n\n") and new.endswith("\n\ntail\n")
+    assert new.count("text between") == len(report.BLOCKS) - 1
+    assert report.render(new, metrics) == new  # idempotent: `--check` passes right after a rewrite
+
+
+def test_render_names_a_missing_block(tmp_path):
+    with pytest.raises(ValueError, match="stage-times"):
+        report.render(_readme().replace("stage-times", "other"), _reports(tmp_path))
