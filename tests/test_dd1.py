@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dd import baselines, dd1, flow, llamagen, params, teachers, train, var
+from dd import baselines, dd1, flow, llamagen, params, teachers, train, var, var_tokenizer
 
 PNS = (1, 2, 4)  # VAR scales of the small models: L = 21, 3 AR steps
 
@@ -25,7 +25,7 @@ def tiny_gpt(seed=0, grid=3, V=16, K=3, **kw):
 
 def tiny_var(seed=0):
     torch.manual_seed(seed)
-    vae = var.VQVAE(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=PNS)
+    vae = var_tokenizer.VQVAE(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=PNS)
     v = var.VAR(vocab_size=16, z_channels=4, num_classes=3, depth=2, embed_dim=32, num_heads=2, patch_nums=PNS)
     v.init_weights(init_adaln_gamma=0.5, init_head=1.0)  # blocks and head far from identity / zero
     return vae.eval(), v.eval()
@@ -315,7 +315,7 @@ def test_dd1_student_matches_enumerable_teacher(tmp_path):
     g = torch.Generator().manual_seed(1)
     N, M = 16000, 4000
     labels, noise = torch.randint(K, (N,), generator=g), torch.randn(N, L, D, generator=g)
-    tokens = teacher.generate(labels, sample_fn=lambda lg, n: flow.flow_map(noise[:, n], lg.log_softmax(-1), codebook))
+    tokens = teacher.generate(labels, step_fn=lambda n, lg: flow.flow_map(noise[:, n], lg.log_softmax(-1), codebook))
 
     model = dd1.DD1Model.from_teacher(teacher, D)
     cfg = train.FitConfig(n_steps=600, batch_size=256, lr=1e-2, warmup_steps=20, ckpt_every=10 ** 9, log_every=100)
