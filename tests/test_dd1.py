@@ -284,6 +284,18 @@ def test_skip_n_fills_skipped_steps_from_marginals():
     assert torch.equal(baselines.skip_n(fam, None, g, y, 0, cfg, ref), g.generate(y, top_k=1))
 
 
+def test_skip_n_runs_only_the_kept_steps():
+    """One generator through the batches: each batch draws its kept steps only, so batch 2 starts where batch 1's
+    kept steps left the generator (running the skipped steps would shift every later batch's draws)."""
+    vae, v = tiny_var()
+    fam, cfg = teachers.family("var"), params.parse("sample_teacher", {"cfg": 1.5}, "var")
+    y, ref = torch.tensor([0, 1, 2, 1]), torch.zeros(5, 21, dtype=torch.long)
+    out = baselines.skip_n(fam, vae, v, y, 1, cfg, ref, torch.Generator().manual_seed(3), batch_size=2)
+    draw = var.Sampler(generator=torch.Generator().manual_seed(3))
+    want = [torch.cat(list(itertools.islice(v.steps(vae, y[i:i + 2], 1.5, draw), 2)), 1) for i in (0, 2)]
+    assert torch.equal(out[:, :5], torch.cat(want)) and (out[:, 5:] == 0).all()
+
+
 # ---- acceptance: a distilled one-step student reproduces an enumerable teacher's joint -------------------------
 
 def test_dd1_student_matches_enumerable_teacher(tmp_path):
