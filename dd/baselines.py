@@ -14,6 +14,8 @@ References:
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .dd1 import step_ends
@@ -60,7 +62,7 @@ def onestep_star(tokens_ref: torch.Tensor, n: int, generator: torch.Generator | 
 def skip_n(fam, tok, teacher, labels: torch.Tensor, n_skip: int, cfg, tokens_ref: torch.Tensor,
            generator: torch.Generator | None = None, labels_ref: torch.Tensor | None = None,
            marginal_generator: torch.Generator | None = None, batch_size: int = 250, device="cpu") -> torch.Tensor:
-    """The teacher's first N − n_skip AR steps (its KV-cached sampler `fam.sample`, `cfg` = the sample_teacher
+    """The teacher's first N − n_skip AR steps (its KV-cached sampler `fam.steps`, `cfg` = the sample_teacher
     section), the last n_skip steps' positions drawn from the marginals of tokens_ref [M, L] (per class with
     labels_ref). labels [B] → tokens [B, L] on the CPU. `generator` drives the teacher (on `device`),
     `marginal_generator` the marginal draws (CPU)."""
@@ -72,6 +74,10 @@ def skip_n(fam, tok, teacher, labels: torch.Tensor, n_skip: int, cfg, tokens_ref
     y = labels.cpu()
     filled = onestep_star(tokens_ref.cpu(), len(y), marginal_generator, labels_ref.cpu() if per_class else None,
                           y if per_class else None, teacher.vocab_size)
-    kept = fam.sample(tok, teacher, labels, cfg, generator, batch_size, device, n_steps=N - n_skip)  # [B, n_kept]
-    filled[:, :kept.shape[1]] = kept
+    step_fn = fam.sampler(cfg, generator)  # one generator through the batches, as `fam.sample` draws
+    for i in range(0, len(y), batch_size):
+        steps = fam.steps(tok, teacher, labels[i:i + batch_size].to(device), cfg, step_fn)
+        kept = list(itertools.islice(steps, N - n_skip))  # the skipped steps are never run
+        if kept:
+            filled[i:i + batch_size, :ends[len(kept) - 1]] = torch.cat(kept, 1).cpu()
     return filled

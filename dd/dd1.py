@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import flow, llamagen, var
+from . import flow, llamagen, var, var_tokenizer
 from .trajectories import perturb, step_ends  # noqa: F401 (part of this module's API: X^t and the step table)
 
 CONT_LOSSES = ("embed", "decoded", "none")
@@ -316,11 +316,11 @@ def guided_logits(teacher, tok, tokens: torch.Tensor, labels: torch.Tensor, cfg,
         ctx = tokens[:, :step + 1]  # logits[:, i] depends on tokens[:, :i] only
         use_cfg = cfg.cfg_scale > 1.0 and (cfg.cfg_interval <= -1 or step <= cfg.cfg_interval + 1)
         logits = teacher.cfg_logits(ctx, labels, cfg.cfg_scale) if use_cfg else teacher.logits(ctx, labels)
-        return llamagen.filter_logits(logits[:, -1:] / max(cfg.temperature, 1e-5), cfg.top_k, cfg.top_p)
+        return llamagen.Sampler(cfg.temperature, cfg.top_k, cfg.top_p).filter(logits[:, -1:])
     ends = [0, *step_ends(teacher)]
     x_in = tok.teacher_forcing_input(list(tokens.split([p * p for p in teacher.patch_nums], 1)))
     logits = teacher.cfg_logits(x_in, labels, cfg.cfg)[:, ends[step]:ends[step + 1]]  # block-causal: prefix only
-    return var.filter_logits(logits, cfg.top_k, cfg.top_p)
+    return var.Sampler(cfg.top_k, cfg.top_p).filter(logits)
 
 
 @torch.no_grad()
@@ -365,6 +365,6 @@ def decode(tok, emb: torch.Tensor) -> torch.Tensor:
     if isinstance(tok, llamagen.VQModel):
         side = math.isqrt(L)
         return tok.decode_embeddings(emb.reshape(B, side, side, D)).clamp(-1, 1)
-    if isinstance(tok, var.VQVAE):
+    if isinstance(tok, var_tokenizer.VQVAE):
         return tok.decode_embeddings(list(emb.split([p * p for p in tok.patch_nums], 1)))
-    raise TypeError(f"decode: expected a llamagen.VQModel or var.VQVAE, got {type(tok).__name__}")
+    raise TypeError(f"decode: expected a llamagen.VQModel or var_tokenizer.VQVAE, got {type(tok).__name__}")

@@ -4,8 +4,10 @@ The tokenizer maps an image in [-1, 1] to a grid of codebook indices; the GPT mo
 order given a class label, and is sampled with KV caching, classifier-free guidance (CFG) and top-k / top-p
 filtering. Both reproduce the official architectures and state-dict key layouts, so released checkpoints load
 strictly, and add what this project needs on top: training losses (with dead-code restarts for small codebooks),
-teacher-forced (CFG) logits, a `sample_fn` hook through which DD1 replaces sampling by a flow map, and loaders
-that infer every size from tensor shapes.
+teacher-forced (CFG) logits, a KV-cached sampler (`GPT.steps`, one token at a time) with a single per-step hook
+`step_fn(n, logits) -> tokens` (it gets the guided logits of step n and returns its tokens; the default, `Sampler`,
+filters and draws; DD1 replaces the draw by a flow map through it, and a caller that stops iterating stops
+sampling), and loaders that infer every size from tensor shapes.
 
 The distillation embedding space is `VQModel.codebook()`: the L2-normalised code vectors (unit sphere in R^D).
 
@@ -487,47 +489,65 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
 
     @torch.no_grad()
-    def generate(self, labels: torch.Tensor, cfg_scale: float = 1.0, cfg_interval: int = -1,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None,
-                 sample_fn=None, return_logits: bool = False, n_steps: int | None = None):
-        """KV-cached sampling of [B, grid^2] tokens for labels [B], with the official semantics.
+    def steps(self, labels: torch.Tensor, cfg_scale: float = 1.0, cfg_interval: int = -1, step_fn=None):
+        """KV-cached sampling for labels [B], one token at a time, with the official semantics: yields token n,
+        LongTensor [B], for n = 0 .. grid^2 - 1. Stop iterating to stop sampling (skip-n baselines).
 
         Guidance u + s (c - u) is used iff cfg_scale > 1 (the batch is doubled with the null class), for tokens
-        n <= cfg_interval + 1 (all tokens when cfg_interval == -1). Each step's logits are divided by
-        max(temperature, 1e-5), filtered (top_k=0 and top_p=1.0 mean off) and sampled with `generator`.
-        `sample_fn(logits [B,V], step) -> LongTensor [B]`, when given, replaces sampling and receives those
-        filtered logits (removed entries -inf). With return_logits, also returns the guided, unfiltered
-        per-step logits [B, grid^2, V]. n_steps < grid^2 stops after that many tokens (skip-n baselines) and
-        returns only those [B, n_steps].
+        n <= cfg_interval + 1 (all tokens when cfg_interval == -1). `step_fn(n, logits [B, V]) -> LongTensor [B]`
+        turns step n's guided logits into its tokens; default `Sampler()` (no filtering, unseeded).
         """
+        step_fn = Sampler() if step_fn is None else step_fn
         B, N = labels.shape[0], self.grid_size ** 2
-        if n_steps is not None and not 0 <= n_steps <= N:
-            raise ValueError(f"GPT.generate: n_steps must be in [0, {N}], got {n_steps}")
-        n_run = N if n_steps is None else n_steps
         guided = cfg_scale > 1.0
         y = torch.cat([labels, labels.new_full((B,), self.num_classes)]) if guided else labels
         c, w = self.config, self.tok_embeddings.weight
         shape = (y.shape[0], c["n_head"], N, c["dim"] // c["n_head"])
         cache = [(w.new_empty(shape), w.new_empty(shape)) for _ in self.layers]  # never part of the state dict
-        tokens = torch.empty(B, n_run, dtype=torch.long, device=labels.device)
-        steps = []
         h = self.cls_embedding(y)  # [B or 2B, 1, dim]
-        for n in range(n_run):
+        for n in range(N):
             logits = self.forward(h, start=n, cache=cache)[:, -1]  # [B or 2B, V]
             if guided:
                 cond, uncond = logits[:B], logits[B:]
                 use_cfg = cfg_interval <= -1 or n <= cfg_interval + 1
                 logits = uncond + cfg_scale * (cond - uncond) if use_cfg else cond
-            if return_logits:
-                steps.append(logits)
-            logits = filter_logits(logits / max(temperature, 1e-5), top_k, top_p)
-            if sample_fn is not None:
-                tok = sample_fn(logits, n)
-            else:
-                tok = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-            tokens[:, n] = tok
+            tok = step_fn(n, logits)
+            yield tok
             h = self.tok_embeddings(torch.cat([tok, tok]) if guided else tok)[:, None]
-        return (tokens, torch.stack(steps, 1)) if return_logits else tokens
+
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, cfg_scale: float = 1.0, cfg_interval: int = -1,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None,
+                 step_fn=None) -> torch.Tensor:
+        """All grid^2 tokens of `steps`: LongTensor [B, grid^2] for labels [B].
+
+        Each step's guided logits are divided by max(temperature, 1e-5), filtered (top_k=0 and top_p=1.0 mean
+        off) and sampled with `generator` (`Sampler`), or, given `step_fn(n, logits) -> tokens`, handed to it
+        instead (then the sampling options stay unset: the hook decides the tokens, e.g. DD1's flow map or a
+        recorder that wraps a `Sampler`).
+        """
+        if step_fn is None:
+            step_fn = Sampler(temperature, top_k, top_p, generator)
+        elif (temperature, top_k, top_p) != (1.0, 0, 1.0) or generator is not None:
+            raise ValueError("GPT.generate: give the sampling options (temperature, top_k, top_p, generator) or a "
+                             "step_fn, not both")
+        return torch.stack(list(self.steps(labels, cfg_scale, cfg_interval, step_fn)), 1)
+
+
+class Sampler:
+    """LlamaGen's ordinary sampling step, the default `step_fn` of `GPT.steps` / `GPT.generate`:
+    (n, guided logits [B, V]) -> tokens [B], drawn from `filter`'s distribution."""
+
+    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None):
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+
+    def filter(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits this step draws from: logits / max(temperature, 1e-5), then `filter_logits` ([..., V])."""
+        return filter_logits(logits / max(self.temperature, 1e-5), self.top_k, self.top_p)
+
+    def __call__(self, n: int, logits: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(self.filter(logits).softmax(-1), 1, generator=self.generator)[:, 0]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data, io, llamagen, var
+from . import data, io, llamagen, var, var_tokenizer
 
 
 def _batches(n: int, batch_size: int, desc: str | None = None):
@@ -93,19 +93,23 @@ class LlamaGen:
         return teacher.logits(tokens, labels)
 
     @staticmethod
-    @torch.no_grad()
+    def sampler(cfg, generator=None) -> llamagen.Sampler:
+        """The ordinary AR step of the sample_teacher section (temperature, top-k, top-p), drawing with `generator`."""
+        return llamagen.Sampler(cfg.temperature, cfg.top_k, cfg.top_p, generator)
+
+    @staticmethod
+    def steps(tok, teacher, labels: torch.Tensor, cfg, step_fn):
+        """The teacher's KV-cached sampler on one batch labels [B] with the section's guidance (teacher in eval mode
+        on labels' device): yields each AR step's tokens [B, 1]; step_fn(n, guided logits [B, V]) → tokens [B]."""
+        teacher.eval().to(labels.device)
+        return (t[:, None] for t in teacher.steps(labels, cfg.cfg_scale, cfg.cfg_interval, step_fn))
+
+    @staticmethod
     def sample(tok, teacher, labels: torch.Tensor, cfg, generator=None, batch_size: int = 250, device="cpu",
-               sample_fn=None, n_steps: int | None = None) -> torch.Tensor:
-        """labels [N] → tokens [N, L], with the sample_teacher section's CFG / temperature / top-k / top-p.
-        n_steps: stop after that many AR steps (tokens [N, n_steps])."""
-        teacher.eval().to(device)
-        out = []
-        for i in _batches(len(labels), batch_size, "sample"):
-            out.append(teacher.generate(labels[i:i + batch_size].to(device), cfg_scale=cfg.cfg_scale,
-                                        cfg_interval=cfg.cfg_interval, temperature=cfg.temperature, top_k=cfg.top_k,
-                                        top_p=cfg.top_p, generator=generator, sample_fn=sample_fn,
-                                        n_steps=n_steps).cpu())
-        return torch.cat(out)
+               step_fn=None) -> torch.Tensor:
+        """labels [N] → tokens [N, L], with the sample_teacher section's CFG / temperature / top-k / top-p
+        (`sampler`), or with step_fn(n, guided logits [B, V]) → tokens [B] deciding every step."""
+        return _sample(LlamaGen, tok, teacher, labels, cfg, generator, batch_size, device, step_fn)
 
     @staticmethod
     def load_official(tcfg):
@@ -117,12 +121,13 @@ class VAR:
     """Next-scale family: multi-scale residual VQVAE (raw codebook) + VAR transformer; tokens = scales concatenated."""
 
     name = "var"
-    Tokenizer, Teacher = var.VQVAE, var.VAR
+    Tokenizer, Teacher = var_tokenizer.VQVAE, var.VAR
 
     @staticmethod
-    def build_tokenizer(cfg) -> var.VQVAE:
-        return var.VQVAE(vocab_size=cfg.vocab_size, z_channels=cfg.z_channels, ch=cfg.ch, ch_mult=list(cfg.ch_mult),
-                         num_res_blocks=cfg.num_res_blocks, patch_nums=list(cfg.patch_nums))
+    def build_tokenizer(cfg) -> var_tokenizer.VQVAE:
+        return var_tokenizer.VQVAE(vocab_size=cfg.vocab_size, z_channels=cfg.z_channels, ch=cfg.ch,
+                                   ch_mult=list(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
+                                   patch_nums=list(cfg.patch_nums))
 
     tokenizer_loss = LlamaGen.tokenizer_loss
 
@@ -174,22 +179,42 @@ class VAR:
         return teacher.logits(tok.teacher_forcing_input(VAR.split(tok, tokens)), labels)
 
     @staticmethod
-    @torch.no_grad()
+    def sampler(cfg, generator=None) -> var.Sampler:
+        """The ordinary AR step of the sample_teacher section (top-k, top-p; no temperature), drawing with
+        `generator`."""
+        return var.Sampler(cfg.top_k, cfg.top_p, generator)
+
+    @staticmethod
+    def steps(tok, teacher, labels: torch.Tensor, cfg, step_fn):
+        """The teacher's KV-cached sampler on one batch labels [B] with VAR's CFG ramp (teacher and VQVAE in eval
+        mode on labels' device): yields each scale's tokens [B, pn²]; step_fn(si, guided logits [B, pn², V]) →
+        tokens [B, pn²]."""
+        teacher.eval().to(labels.device), tok.eval().to(labels.device)
+        return teacher.steps(tok, labels, cfg.cfg, step_fn)
+
+    @staticmethod
     def sample(tok, teacher, labels: torch.Tensor, cfg, generator=None, batch_size: int = 250, device="cpu",
-               sample_fn=None, n_steps: int | None = None) -> torch.Tensor:
-        """labels [N] → tokens [N, L], with VAR's CFG ramp and top-k / top-p (no temperature).
-        n_steps: stop after that many scales (tokens of those scales only)."""
-        teacher.eval().to(device), tok.eval().to(device)
-        out = []
-        for i in _batches(len(labels), batch_size, "sample"):
-            idx = teacher.generate(tok, labels[i:i + batch_size].to(device), cfg=cfg.cfg, top_k=cfg.top_k,
-                                   top_p=cfg.top_p, generator=generator, sample_fn=sample_fn, n_steps=n_steps)
-            out.append(torch.cat(idx, 1).cpu() if idx else torch.zeros(len(labels[i:i + batch_size]), 0, dtype=torch.long))
-        return torch.cat(out)
+               step_fn=None) -> torch.Tensor:
+        """labels [N] → tokens [N, L], with VAR's CFG ramp and top-k / top-p (`sampler`), or with
+        step_fn(si, guided logits [B, pn², V]) → tokens [B, pn²] deciding every scale."""
+        return _sample(VAR, tok, teacher, labels, cfg, generator, batch_size, device, step_fn)
 
     @staticmethod
     def load_official(tcfg):
-        return var.load_vae(tcfg.tokenizer_path), var.load_var(tcfg.teacher_path)
+        return var_tokenizer.load_vae(tcfg.tokenizer_path), var.load_var(tcfg.teacher_path)
+
+
+@torch.no_grad()
+def _sample(fam, tok, teacher, labels: torch.Tensor, cfg, generator, batch_size: int, device, step_fn) -> torch.Tensor:
+    """`fam.sample`: every AR step of `fam.steps` on labels [N] in batches → tokens [N, L] on the CPU. One generator
+    drives all batches in order, so a batch's draws depend on the batches before it."""
+    if step_fn is None:
+        step_fn = fam.sampler(cfg, generator)
+    elif generator is not None:
+        raise ValueError(f"{fam.name} sample: give a generator (ordinary sampling) or a step_fn, not both")
+    out = [torch.cat(list(fam.steps(tok, teacher, labels[i:i + batch_size].to(device), cfg, step_fn)), 1).cpu()
+           for i in _batches(len(labels), batch_size, "sample")]
+    return torch.cat(out)
 
 
 @torch.no_grad()

@@ -57,13 +57,15 @@ def flow_tokens(fam, tok, teacher, labels: torch.Tensor, noise: torch.Tensor, sa
     ends = step_ends(teacher)
     starts = [0, *ends[:-1]]
     noise = noise.to(device)
+    truncate = fam.sampler(sampling).filter  # the distribution ordinary sampling would draw from
 
-    def sample_fn(logits: torch.Tensor, step: int) -> torch.Tensor:  # logits [B, V] or [B, pn², V], filtered
+    def step_fn(step: int, logits: torch.Tensor) -> torch.Tensor:  # guided logits [B, V] or [B, pn², V]
+        logits = truncate(logits)
         eps = noise[:, starts[step]:ends[step]].reshape(-1, noise.shape[-1])
         logp = logits.float().reshape(-1, logits.shape[-1]).log_softmax(-1)
         return flow.flow_map(eps, logp, codebook, n_steps).view(logits.shape[:-1])
 
-    return fam.sample(tok, teacher, labels, sampling, batch_size=len(labels), device=device, sample_fn=sample_fn)
+    return fam.sample(tok, teacher, labels, sampling, batch_size=len(labels), device=device, step_fn=step_fn)
 
 
 def build_shard(fam, tok, teacher, sampling, index: int, size: int, num_classes: int, seed: int,

@@ -1,17 +1,15 @@
-"""VAR teacher family: the multi-scale residual VQVAE and the next-scale-prediction transformer.
+"""VAR teacher: the class-conditional next-scale-prediction transformer and its KV-cached sampler.
 
-The VQVAE encodes an image into K token maps r_1..r_K of growing side pn_k (`patch_nums`). Each map quantises what
-the coarser maps have not explained yet: f_rest is area-downsampled to pn_k x pn_k, matched against the raw
-codebook, and its code vectors are bicubic-upsampled, refined by a shared conv phi and subtracted. The image is
-decoded from f_hat = sum_k phi_k(up(e(r_k))). VAR predicts all pn_k^2 tokens of scale k at once from the class and
-the coarser scales (block-causal attention), so sampling takes K steps; the teacher-forced input of scale k is
-f_hat after k - 1 scales, area-downsampled to pn_k.
+A VAR image is K token maps r_1..r_K of growing side pn_k (`patch_nums`), made by the multi-scale VQVAE of
+`dd.var_tokenizer`. VAR predicts all pn_k^2 tokens of scale k at once from the class and the coarser scales
+(block-causal attention), so sampling takes K steps; the teacher-forced input of scale k is the VQVAE's f_hat after
+k - 1 scales, area-downsampled to pn_k.
 
-Both networks reproduce the release's architecture and state-dict keys (buffers included), so `var_d*.pth` and
-`vae_ch160v4096z32.pth` load strictly. On top of that: sizes are configurable (ch_mult included, which upstream
-hard-codes), the VQVAE has a training loss with dead-code restarts, and VAR has teacher-forced (guided) logits,
-a training loss, and KV-cached sampling with a `sample_fn` hook through which DD1 replaces sampling by a flow map.
-The distillation embedding space is the raw codebook `VQVAE.codebook()` (no normalisation).
+The network reproduces the release's architecture and state-dict keys (buffers included), so `var_d*.pth` loads
+strictly. On top of that: configurable sizes, teacher-forced (guided) logits, a training loss, and a KV-cached
+sampler (`VAR.steps`, one scale at a time) with a single per-step hook `step_fn(si, logits) -> tokens`: it gets the
+guided logits of a scale and returns its tokens; the default, `Sampler`, filters and draws. DD1 replaces the draw
+by a flow map through it; a caller that stops iterating stops sampling (the skip-n baselines).
 
 Differences from upstream: `forward`'s label dropout happens only in training (upstream drops labels in eval too);
 no global `reset_parameters` monkey-patch (VAR.init_weights initialises explicitly); no shared AdaLN (only the
@@ -22,11 +20,9 @@ References:
     - Tian et al., "Visual Autoregressive Modeling: Scalable Image Generation via Next-Scale Prediction" (VAR),
       NeurIPS 2024, arXiv 2404.02905.
     - Liu et al., "Distilled Decoding 1" (DD1), arXiv 2412.17153; "Distilled Decoding 2" (DD2), arXiv 2510.21003.
-    - FoundationVision/VAR @78b9539 (behaviour matched): `models/basic_vae.py` (Encoder, Decoder), `models/quant.py`
-      (VectorQuantizer2, Phi, PhiPartiallyShared), `models/vqvae.py` (VQVAE), `models/basic_var.py`
-      (SelfAttention, AdaLNSelfAttn, AdaLNBeforeHead), `models/var.py` (VAR.forward, autoregressive_infer_cfg,
-      init_weights), `models/helpers.py` (sample_with_top_k_top_p_), `models/__init__.py` (release sizes).
-    - CompVis latent-diffusion VQ-f16 (the encoder/decoder layout VAR's VQVAE copies).
+    - FoundationVision/VAR @78b9539 (behaviour matched): `models/basic_var.py` (SelfAttention, AdaLNSelfAttn,
+      AdaLNBeforeHead), `models/var.py` (VAR.forward, autoregressive_infer_cfg, init_weights), `models/helpers.py`
+      (sample_with_top_k_top_p_), `models/__init__.py` (release sizes).
 """
 from __future__ import annotations
 
@@ -35,395 +31,18 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import io
+from . import io, var_tokenizer
 
-RELEASE_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 256 px, L = 680
-TINY_PATCH_NUMS = (1, 2, 3, 4, 6, 8)  # 32 px, L = 130
-
-VAE_CONFIGS = {
-    "release": dict(vocab_size=4096, z_channels=32, ch=160, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2,
-                    patch_nums=list(RELEASE_PATCH_NUMS)),  # vae_ch160v4096z32.pth
-    "tiny": dict(vocab_size=512, z_channels=16, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1,
-                 patch_nums=list(TINY_PATCH_NUMS)),  # 32 px -> 8x8 latent; the embedded default
-}
 VAR_CONFIGS = {  # build_vae_var(depth): width 64 * depth, heads = depth, drop path 0.1 * depth / 24
     **{f"d{d}": dict(vocab_size=4096, z_channels=32, num_classes=1000, depth=d, embed_dim=64 * d, num_heads=d,
-                     drop_path_rate=0.1 * d / 24, patch_nums=list(RELEASE_PATCH_NUMS)) for d in (16, 20, 24, 30)},
+                     drop_path_rate=0.1 * d / 24, patch_nums=list(var_tokenizer.RELEASE_PATCH_NUMS))
+       for d in (16, 20, 24, 30)},
     "tiny": dict(vocab_size=512, z_channels=16, num_classes=10, depth=4, embed_dim=192, num_heads=4,
-                 drop_path_rate=0.0, patch_nums=list(TINY_PATCH_NUMS)),
+                 drop_path_rate=0.0, patch_nums=list(var_tokenizer.TINY_PATCH_NUMS)),
 }
-
-
-def _check_patch_nums(patch_nums) -> tuple[int, ...]:
-    pns = tuple(int(p) for p in patch_nums)
-    if len(pns) < 2 or pns[0] < 1 or any(b <= a for a, b in zip(pns, pns[1:])):
-        raise ValueError(f"patch_nums must be >= 2 strictly increasing positive ints, got {list(patch_nums)}")
-    return pns
-
-
-def _to_map(h: torch.Tensor, pn: int) -> torch.Tensor:
-    """[B, pn*pn, C] token vectors (raster order) -> [B, C, pn, pn]."""
-    return h.transpose(1, 2).reshape(h.shape[0], h.shape[2], pn, pn)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Multi-scale residual VQVAE
-# ----------------------------------------------------------------------------------------------------------------
-
-def _group_norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, c, eps=1e-6)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.norm1, self.conv1 = _group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = _group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()  # Identity: no key
-
-    def forward(self, x):  # [B, c_in, H, W] -> [B, c_out, H, W]
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over pixels with one fused 1x1 `qkv` conv (VAR's layout): [B,C,H,W] -> same."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.norm, self.qkv, self.proj_out = _group_norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # each [B, HW, C]
-        h = F.scaled_dot_product_attention(q, k, v)  # default scale C^-1/2, as upstream
-        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
-
-
-class Downsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2)
-
-    def forward(self, x):  # asymmetric pad (right, bottom) then stride 2: H -> H/2
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-
-
-def _level(c_in: int, c_out: int, n_blocks: int, attn: bool) -> nn.Module:
-    """One resolution level: `block.{j}` ResnetBlocks, each followed by `attn.{j}` on the coarsest level."""
-    level = nn.Module()
-    level.block = nn.ModuleList([ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(n_blocks)])
-    level.attn = nn.ModuleList([AttnBlock(c_out) for _ in range(n_blocks)] if attn else [])
-    return level
-
-
-def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    for j, block in enumerate(level.block):
-        h = block(h)
-        if len(level.attn):
-            h = level.attn[j](h)
-    return h
-
-
-def _mid(c: int) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
-    return mid
-
-
-class Encoder(nn.Module):
-    """[B, 3, H, W] -> [B, z_channels, H/2^(n-1), W/2^(n-1)], n = len(ch_mult); keys `encoder.down.{i}...`."""
-
-    def __init__(self, ch: int, ch_mult, num_res_blocks: int, z_channels: int):
-        super().__init__()
-        n = len(ch_mult)
-        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        c = ch
-        for i, m in enumerate(ch_mult):
-            self.down.append(_level(c, ch * m, num_res_blocks, attn=i == n - 1))
-            c = ch * m
-            if i != n - 1:
-                self.down[i].downsample = Downsample(c)
-        self.mid = _mid(c)
-        self.norm_out, self.conv_out = _group_norm(c), nn.Conv2d(c, z_channels, 3, padding=1)
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        for level in self.down:
-            h = _run_level(level, h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-    """[B, z_channels, h, w] -> [B, 3, h*2^(n-1), w*2^(n-1)]; `decoder.up.{i}` is indexed by resolution level
-    (up.{n-1} is the coarsest and runs first), with num_res_blocks + 1 ResnetBlocks per level."""
-
-    def __init__(self, ch: int, ch_mult, num_res_blocks: int, z_channels: int):
-        super().__init__()
-        n = len(ch_mult)
-        c = ch * ch_mult[-1]
-        self.conv_in = nn.Conv2d(z_channels, c, 3, padding=1)
-        self.mid = _mid(c)
-        levels = [None] * n
-        for i in reversed(range(n)):
-            levels[i] = _level(c, ch * ch_mult[i], num_res_blocks + 1, attn=i == n - 1)
-            c = ch * ch_mult[i]
-            if i != 0:
-                levels[i].upsample = Upsample(c)
-        self.up = nn.ModuleList(levels)
-        self.norm_out, self.conv_out = _group_norm(c), nn.Conv2d(c, 3, 3, padding=1)
-
-    def forward(self, z):
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
-        for level in reversed(self.up):
-            h = _run_level(level, h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-def phi_index_table(n_scales: int, n_phi: int = 4) -> list[int]:
-    """Which of the n_phi shared phi convs each scale uses: the one whose tick is nearest to si / (SN - 1).
-
-    Ticks are linspace(1/3/K, 1 - 1/3/K, K) for K = 4 (1/2/K margins otherwise). With the release's 10 scales,
-    si = 2 lies exactly between ticks 0 and 1 and float64 rounding picks 1: [0,0,1,1,1,2,2,3,3,3]. The same
-    numpy expressions as upstream are used on purpose so that ties break the same way.
-    """
-    margin = 1 / 3 / n_phi if n_phi == 4 else 1 / 2 / n_phi
-    ticks = np.linspace(margin, 1 - margin, n_phi)
-    return [int(np.argmin(np.abs(ticks - si / (n_scales - 1)))) for si in range(n_scales)]
-
-
-class Phi(nn.Conv2d):
-    """phi(h) = (1 - r) h + r conv3x3(h): the residual refinement applied to each upsampled scale."""
-
-    def __init__(self, c: int, ratio: float):
-        super().__init__(c, c, 3, padding=1)
-        self.ratio = ratio
-
-    def forward(self, h):
-        return h * (1 - self.ratio) + super().forward(h) * self.ratio
-
-
-class PhiPartiallyShared(nn.Module):
-    """K phi convs (`qresi_ls`) shared by the scales through `phi_index_table`: (h [B,C,H,W], si) -> same."""
-
-    def __init__(self, c: int, ratio: float, n_phi: int, n_scales: int):
-        super().__init__()
-        self.qresi_ls = nn.ModuleList([Phi(c, ratio) for _ in range(n_phi)])
-        self.table = phi_index_table(n_scales, n_phi)
-
-    def forward(self, h, si: int):
-        return self.qresi_ls[self.table[si]](h)
-
-
-class MultiScaleQuantizer(nn.Module):
-    """VAR's residual quantiser (upstream VectorQuantizer2): raw codebook, Euclidean nearest code, phi convs."""
-
-    def __init__(self, vocab_size, z_channels, patch_nums, beta, quant_resi, share_quant_resi, dead_code_frac):
-        super().__init__()
-        self.patch_nums, self.beta, self.dead_code_frac = tuple(patch_nums), beta, dead_code_frac
-        self.quant_resi = PhiPartiallyShared(z_channels, quant_resi, share_quant_resi, len(patch_nums))
-        # Per-scale EMA of code hits per batch (release key; only statistics, drives the dead-code restarts).
-        self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(patch_nums), vocab_size))
-        self.embedding = nn.Embedding(vocab_size, z_channels)
-        self.n_records = 0  # batches seen by the EMA; a plain attribute, not in the state dict
-
-    def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """z [N, C] -> nearest raw code [N]; same distance expression as upstream, so near-ties break alike."""
-        e = self.embedding.weight.detach()
-        d = torch.addmm(z.square().sum(1, keepdim=True) + e.square().sum(1), z, e.T, alpha=-2)
-        return d.argmin(1)
-
-    def forward(self, f: torch.Tensor):
-        """f [B, C, H, W] -> (f_hat [B,C,H,W] straight-through, idx list [B, pn^2] per scale, vq loss, z [N, C]).
-
-        vq = mean over scales of beta * |sg(f_hat_k) - f|^2 + |f_hat_k - sg(f)|^2 (f_hat_k: the running sum);
-        z holds every vector that was matched against the codebook (the candidates for dead-code restarts).
-        """
-        B, C, H, W = f.shape
-        SN = len(self.patch_nums)
-        f_ng = f.detach()
-        f_rest, f_hat = f_ng.clone(), torch.zeros_like(f_ng)
-        idx_list, zs, vq = [], [], 0.0
-        for si, pn in enumerate(self.patch_nums):
-            z = f_rest if si == SN - 1 else F.interpolate(f_rest, size=(pn, pn), mode="area")
-            z = z.permute(0, 2, 3, 1).reshape(-1, C)
-            idx = self.nearest(z)
-            h = self.embedding(idx.view(B, pn, pn)).permute(0, 3, 1, 2)
-            if si != SN - 1:
-                h = F.interpolate(h, size=(H, W), mode="bicubic")
-            h = self.quant_resi(h, si)
-            f_hat = f_hat + h
-            f_rest = f_rest - h.detach()
-            vq = vq + self.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_ng)
-            idx_list.append(idx.view(B, pn * pn))
-            zs.append(z)
-        f_hat = f_hat.detach() - f_ng + f  # load-bearing: straight-through gradient to the encoder
-        return f_hat, idx_list, vq / SN, torch.cat(zs)
-
-    @torch.no_grad()
-    def update_usage(self, idx_list: list[torch.Tensor], z: torch.Tensor) -> dict:
-        """Training bookkeeping after one batch: EMA of hits per scale (decay 0.9 for the first 100 batches, then
-        0.99, as upstream), then restart dead codes from random rows of z. A code is dead when its hits over
-        all scales fall below dead_code_frac x the mean; restarted codes get the mean hit count as a grace
-        period. Returns {"usage": % of codes hit by this batch, "restarted": count}."""
-        V = self.embedding.num_embeddings
-        hits = torch.stack([idx.flatten().bincount(minlength=V).float() for idx in idx_list])  # [S, V]
-        ddp = dist.is_available() and dist.is_initialized()
-        if ddp:  # global counts, as upstream: every rank then sees the same EMA and the same dead codes
-            dist.all_reduce(hits)
-        decay = 0.0 if self.n_records == 0 else 0.9 if self.n_records < 100 else 0.99
-        self.ema_vocab_hit_SV.mul_(decay).add_(hits * (1 - decay))
-        self.n_records += 1
-        usage = 100.0 * (hits.sum(0) > 0).float().mean().item()
-        total = self.ema_vocab_hit_SV.sum(0)
-        dead = total < self.dead_code_frac * total.mean()
-        n = int(dead.sum())
-        if n:
-            new = z[torch.randint(z.shape[0], (n,), device=z.device)].to(self.embedding.weight.dtype)
-            if ddp:  # load-bearing under DDP: parameters are edited in place, so all ranks take rank 0's rows
-                dist.broadcast(new, 0)
-            self.embedding.weight[dead] = new
-            self.ema_vocab_hit_SV[:, dead] = self.ema_vocab_hit_SV.mean(1, keepdim=True)
-        return {"usage": usage, "restarted": float(n)}
-
-
-class VQVAE(nn.Module):
-    """Multi-scale residual VQVAE (defaults = the release `vae_ch160v4096z32`: 256 px -> 16x16 x 32 latent).
-
-    Images are [B, 3, H, W] in [-1, 1] with H = W = patch_nums[-1] * 2^(len(ch_mult) - 1).
-    """
-
-    def __init__(self, vocab_size: int = 4096, z_channels: int = 32, ch: int = 160, ch_mult=(1, 1, 2, 2, 4),
-                 num_res_blocks: int = 2, patch_nums=RELEASE_PATCH_NUMS, beta: float = 0.25,
-                 quant_resi: float = 0.5, share_quant_resi: int = 4, dead_code_frac: float = 0.01):
-        super().__init__()
-        pns = _check_patch_nums(patch_nums)
-        widths = [ch] + [ch * m for m in ch_mult]
-        if any(w % 32 for w in widths):  # GroupNorm(32, C) needs C divisible by 32
-            raise ValueError(f"VQVAE: every width ch*ch_mult[i] must be a multiple of 32 (GroupNorm(32)); "
-                             f"got ch={ch}, ch_mult={list(ch_mult)} -> widths {widths}")
-        if share_quant_resi < 2:
-            raise ValueError(f"VQVAE: share_quant_resi must be >= 2 (partially shared phi), got {share_quant_resi}")
-        self.config = dict(vocab_size=vocab_size, z_channels=z_channels, ch=ch, ch_mult=list(ch_mult),
-                           num_res_blocks=num_res_blocks, patch_nums=list(pns), beta=beta, quant_resi=quant_resi,
-                           share_quant_resi=share_quant_resi, dead_code_frac=dead_code_frac)
-        self.patch_nums, self.z_channels = pns, z_channels
-        self.downsample = 2 ** (len(ch_mult) - 1)
-        self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels)
-        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels)
-        self.quantize = MultiScaleQuantizer(vocab_size, z_channels, pns, beta, quant_resi, share_quant_resi,
-                                            dead_code_frac)
-        self.quant_conv = nn.Conv2d(z_channels, z_channels, 3, padding=1)
-        self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 3, padding=1)
-
-    def codebook(self) -> torch.Tensor:
-        """[V, Cvae] raw code vectors: the token embedding space DD1 / DD2 work in."""
-        return self.quantize.embedding.weight.detach()
-
-    def _features(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> f [B, Cvae, pn_K, pn_K], checking that the latent matches patch_nums[-1]."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"VQVAE: expected images [B, 3, H, W], got {tuple(images.shape)}")
-        f = self.quant_conv(self.encoder(images))
-        pn = self.patch_nums[-1]
-        if f.shape[-2:] != (pn, pn):
-            raise ValueError(f"VQVAE: {tuple(images.shape[-2:])} images give a {tuple(f.shape[-2:])} latent "
-                             f"(downsample {self.downsample} from ch_mult {self.config['ch_mult']}), but "
-                             f"patch_nums[-1] = {pn}: use {pn * self.downsample}x{pn * self.downsample} images")
-        return f
-
-    @torch.no_grad()
-    def encode_scales(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """[B, 3, H, W] in [-1, 1] -> token maps, one LongTensor [B, pn*pn] (raster order) per scale."""
-        return self.quantize(self._features(images))[1]
-
-    def next_scale_input(self, si: int, f_hat: torch.Tensor, h: torch.Tensor):
-        """One step of the next-scale recursion: add scale si's code map h [B, Cvae, pn_si, pn_si] to
-        f_hat [B, Cvae, pn_K, pn_K]. Returns (f_hat, VAR's input for scale si+1 [B, Cvae, pn_si+1, pn_si+1]);
-        at the last scale the second item is f_hat itself."""
-        K = self.patch_nums[-1]
-        if si != len(self.patch_nums) - 1:
-            f_hat = f_hat + self.quantize.quant_resi(F.interpolate(h, size=(K, K), mode="bicubic"), si)
-            pn = self.patch_nums[si + 1]
-            return f_hat, F.interpolate(f_hat, size=(pn, pn), mode="area")
-        f_hat = f_hat + self.quantize.quant_resi(h, si)
-        return f_hat, f_hat
-
-    def _check_scales(self, xs: list[torch.Tensor]) -> None:
-        want = [pn * pn for pn in self.patch_nums]
-        if len(xs) != len(want) or [x.shape[1] for x in xs] != want:
-            raise ValueError(f"VQVAE: expected one [B, pn*pn, ...] tensor per scale with pn*pn = {want}, got "
-                             f"{[tuple(x.shape) for x in xs]}")
-
-    def _accumulate(self, h_list: list[torch.Tensor], n: int):
-        """Run the recursion over the first n scales of h_list: -> (f_hat, VAR's inputs [B, pn*pn, Cvae] for
-        scales 2..n+1)."""
-        self._check_scales(h_list)
-        K = self.patch_nums[-1]
-        f_hat, nexts = h_list[0].new_zeros(h_list[0].shape[0], self.z_channels, K, K), []
-        for si, pn in enumerate(self.patch_nums[:n]):
-            f_hat, nxt = self.next_scale_input(si, f_hat, _to_map(h_list[si], pn))
-            nexts.append(nxt.flatten(2).transpose(1, 2))
-        return f_hat, nexts
-
-    def teacher_forcing_input_from_embeddings(self, h_list: list[torch.Tensor]) -> torch.Tensor:
-        """Per-scale code vectors [B, pn*pn, Cvae] -> VAR's teacher-forcing input [B, L - 1, Cvae] (the input of
-        scales 2..K; the last scale's vectors are not needed but must be given)."""
-        return torch.cat(self._accumulate(h_list, len(self.patch_nums) - 1)[1], 1)
-
-    def teacher_forcing_input(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
-        """Token maps [B, pn*pn] per scale -> VAR's teacher-forcing input [B, L - 1, Cvae]."""
-        return self.teacher_forcing_input_from_embeddings([self.quantize.embedding(i) for i in idx_list])
-
-    def decode_embeddings(self, h_list: list[torch.Tensor]) -> torch.Tensor:
-        """Per-scale code vectors [B, pn*pn, Cvae] (any continuous values) -> images [B, 3, H, W] in [-1, 1]."""
-        f_hat = self._accumulate(h_list, len(self.patch_nums))[0]
-        return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
-
-    def decode_scales(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
-        """Token maps [B, pn*pn] per scale -> images [B, 3, H, W] in [-1, 1]."""
-        return self.decode_embeddings([self.quantize.embedding(i) for i in idx_list])
-
-    def _reconstruct(self, images: torch.Tensor):
-        f_hat, idx_list, vq, z = self.quantize(self._features(images))
-        return self.decoder(self.post_quant_conv(f_hat)), idx_list, vq, z
-
-    def forward(self, images: torch.Tensor):
-        """Training forward: images [B, 3, H, W] -> (reconstruction [B, 3, H, W], not clamped; vq loss)."""
-        rec, _, vq, _ = self._reconstruct(images)
-        return rec, vq
-
-    def loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Training loss on [B, 3, H, W] in [-1, 1]: MSE reconstruction + VAR's multi-scale vq loss (beta 0.25,
-        straight-through). In train mode also updates code usage and restarts dead codes. Returns (loss, parts
-        as floats: loss, rec, vq, and in train mode usage [% codes hit by the batch], restarted)."""
-        rec, idx_list, vq, z = self._reconstruct(images)
-        rec_loss = F.mse_loss(rec, images)
-        loss = rec_loss + vq
-        parts = {"loss": loss.item(), "rec": rec_loss.item(), "vq": vq.item()}
-        if self.training:  # after the forward: the embedding backward needs indices only, not the edited rows
-            parts.update(self.quantize.update_usage(idx_list, z))
-        return loss, parts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -524,9 +143,9 @@ class VAR(nn.Module):
     def __init__(self, vocab_size: int = 4096, z_channels: int = 32, num_classes: int = 1000, depth: int = 16,
                  embed_dim: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0,
                  norm_eps: float = 1e-6, cond_drop_rate: float = 0.1, attn_l2_norm: bool = True,
-                 drop_path_rate: float = 0.0, patch_nums=RELEASE_PATCH_NUMS):
+                 drop_path_rate: float = 0.0, patch_nums=var_tokenizer.RELEASE_PATCH_NUMS):
         super().__init__()
-        pns = _check_patch_nums(patch_nums)
+        pns = var_tokenizer.check_patch_nums(patch_nums)
         C, H = embed_dim or 64 * depth, num_heads or depth
         if C % H:
             raise ValueError(f"VAR: embed_dim {C} is not divisible by num_heads {H}")
@@ -633,61 +252,91 @@ class VAR(nn.Module):
         logits = self._forward(x_in, labels)
         return F.cross_entropy(logits.flatten(0, 1), torch.cat(idx_list, 1).flatten())
 
-    def _set_kv_cache(self, on: bool) -> None:
-        for b in self.blocks:
-            b.attn.caching, b.attn.kv = on, None
-
-    @torch.no_grad()
-    def generate(self, vae: VQVAE, labels: torch.Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
-                 generator: torch.Generator | None = None, sample_fn=None, return_logits: bool = False,
-                 n_steps: int | None = None):
-        """KV-cached next-scale sampling for labels [B] (upstream autoregressive_infer_cfg). Returns one
-        LongTensor [B, pn*pn] per scale; decode with `vae.decode_scales`.
-
-        The batch is doubled with the null class; scale si uses (1 + r) c - r u, r = cfg * si / (SN - 1); the
-        logits are filtered (`filter_logits`; top_k=0, top_p=0 mean off; no temperature) and sampled with
-        `generator`. `sample_fn(logits [B, pn*pn, V], si) -> LongTensor [B, pn*pn]`, when given, replaces
-        sampling and receives those filtered logits (removed entries -inf). With return_logits, also returns the
-        guided, unfiltered logits [B, pn*pn, V] of every scale. n_steps < len(patch_nums) stops after that many
-        scales (skip-n baselines) and returns only theirs.
-        """
-        if n_steps is not None and not 0 <= n_steps <= len(self.patch_nums):
-            raise ValueError(f"VAR.generate: n_steps must be in [0, {len(self.patch_nums)}], got {n_steps}")
+    def _check_vae(self, vae: var_tokenizer.VQVAE) -> None:
         if (list(vae.patch_nums), vae.z_channels, vae.config["vocab_size"]) != \
                 (list(self.patch_nums), self.z_channels, self.vocab_size):
-            raise ValueError(f"VAR.generate: the VQVAE (patch_nums {list(vae.patch_nums)}, Cvae {vae.z_channels},"
-                             f" V {vae.config['vocab_size']}) does not match this VAR ({self.config})")
+            raise ValueError(f"VAR: the VQVAE (patch_nums {list(vae.patch_nums)}, Cvae {vae.z_channels}, "
+                             f"V {vae.config['vocab_size']}) does not match this VAR ({self.config})")
+
+    def _cached_blocks(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """One sampling step through the blocks, attending to (and appending to) each block's KV cache. Caching is
+        on only inside this call, so a sampler left suspended never leaks a cache into teacher forcing."""
+        for b in self.blocks:
+            b.attn.caching = True
+        try:
+            for block in self.blocks:
+                x = block(x, cond, None)
+        finally:
+            for b in self.blocks:
+                b.attn.caching = False
+        return x
+
+    def _clear_kv_cache(self) -> None:
+        for b in self.blocks:
+            b.attn.kv = None
+
+    @torch.no_grad()
+    def steps(self, vae: var_tokenizer.VQVAE, labels: torch.Tensor, cfg: float = 1.5, step_fn=None):
+        """KV-cached next-scale sampling for labels [B] (upstream autoregressive_infer_cfg), one scale at a time:
+        yields scale si's tokens LongTensor [B, pn*pn]. Stop iterating to stop sampling (skip-n baselines).
+
+        The batch is doubled with the null class; scale si's logits are (1 + r) c - r u, r = cfg * si / (SN - 1).
+        `step_fn(si, logits [B, pn*pn, V]) -> LongTensor [B, pn*pn]` turns those guided logits into the scale's
+        tokens; default `Sampler()` (no filtering, unseeded).
+        """
+        self._check_vae(vae)
+        step_fn = Sampler() if step_fn is None else step_fn
         B, SN, K = labels.shape[0], len(self.patch_nums), self.patch_nums[-1]
         cond = self.class_emb(torch.cat((labels, torch.full_like(labels, self.num_classes))))  # [2B, C]
         lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC  # [1, L, C]
         x = cond.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start.expand(2 * B, -1, -1) \
             + lvl_pos[:, :self.first_l]
         f_hat = cond.new_zeros(B, self.z_channels, K, K)
-        idx_list, logits_list = [], []
-        self._set_kv_cache(True)
+        self._clear_kv_cache()
         try:
-            for si, pn in enumerate(self.patch_nums[:n_steps]):
-                for block in self.blocks:
-                    x = block(x, cond, None)
-                logits = self._head(x, cond)  # [2B, pn*pn, V]
+            for si, pn in enumerate(self.patch_nums):
+                logits = self._head(self._cached_blocks(x, cond), cond)  # [2B, pn*pn, V]
                 r = cfg * (si / (SN - 1))
-                logits = (1 + r) * logits[:B] - r * logits[B:]
-                if return_logits:
-                    logits_list.append(logits)
-                logits = filter_logits(logits, top_k, top_p)
-                if sample_fn is not None:
-                    idx = sample_fn(logits, si)
-                else:
-                    probs = logits.softmax(-1).view(-1, self.vocab_size)
-                    idx = torch.multinomial(probs, 1, replacement=True, generator=generator).view(B, pn * pn)
-                idx_list.append(idx)
-                f_hat, nxt = vae.next_scale_input(si, f_hat, _to_map(vae.quantize.embedding(idx), pn))
+                idx = step_fn(si, (1 + r) * logits[:B] - r * logits[B:])
+                yield idx
+                f_hat, nxt = vae.next_scale_input(si, f_hat, var_tokenizer.to_map(vae.quantize.embedding(idx), pn))
                 if si != SN - 1:
                     x = self.word_embed(nxt.flatten(2).transpose(1, 2)) + lvl_pos[:, self.ends[si]:self.ends[si + 1]]
                     x = x.repeat(2, 1, 1)  # conditional and null halves see the same tokens
         finally:
-            self._set_kv_cache(False)
-        return (idx_list, logits_list) if return_logits else idx_list
+            self._clear_kv_cache()
+
+    @torch.no_grad()
+    def generate(self, vae: var_tokenizer.VQVAE, labels: torch.Tensor, cfg: float = 1.5, top_k: int = 0,
+                 top_p: float = 0.0, generator: torch.Generator | None = None, step_fn=None) -> list[torch.Tensor]:
+        """Every scale of `steps`: one LongTensor [B, pn*pn] per scale; decode with `vae.decode_scales`.
+
+        Each scale's guided logits are filtered (`filter_logits`; top_k=0, top_p=0 mean off; no temperature) and
+        sampled with `generator` (`Sampler`), or, given `step_fn(si, logits) -> tokens`, handed to it instead (then
+        the sampling options stay unset: the hook decides the tokens, e.g. DD1's flow map or a recorder that
+        wraps a `Sampler`).
+        """
+        if step_fn is None:
+            step_fn = Sampler(top_k, top_p, generator)
+        elif (top_k, top_p) != (0, 0.0) or generator is not None:
+            raise ValueError("VAR.generate: give the sampling options (top_k, top_p, generator) or a step_fn, not both")
+        return list(self.steps(vae, labels, cfg, step_fn))
+
+
+class Sampler:
+    """VAR's ordinary sampling step, the default `step_fn` of `VAR.steps` / `VAR.generate`:
+    (si, guided logits [B, pn*pn, V]) -> tokens [B, pn*pn], every token drawn from `filter`'s distribution."""
+
+    def __init__(self, top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None):
+        self.top_k, self.top_p, self.generator = top_k, top_p, generator
+
+    def filter(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits this step draws from (`filter_logits`), [..., V] -> same; removed entries -inf."""
+        return filter_logits(logits, self.top_k, self.top_p)
+
+    def __call__(self, si: int, logits: torch.Tensor) -> torch.Tensor:
+        probs = self.filter(logits).softmax(-1).view(-1, logits.shape[-1])
+        return torch.multinomial(probs, 1, replacement=True, generator=self.generator).view(logits.shape[:-1])
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -724,7 +373,7 @@ def load_var(path, patch_nums=None, n_head: int | None = None, trusted: bool = F
     need = partial(io.require_key, sd, path=path, what="VAR")
     C, cvae = need("word_embed.weight")
     depth = io.count_indices(sd, r"blocks\.(\d+)\.")
-    pns = _check_patch_nums(patch_nums or cfg.get("patch_nums") or RELEASE_PATCH_NUMS)
+    pns = var_tokenizer.check_patch_nums(patch_nums or cfg.get("patch_nums") or var_tokenizer.RELEASE_PATCH_NUMS)
     L, n_pos = sum(p * p for p in pns), need("pos_1LC")[1]
     if n_pos != L:
         raise ValueError(f"{path}: pos_1LC has {n_pos} positions but patch_nums {list(pns)} give L = {L}")
@@ -736,27 +385,4 @@ def load_var(path, patch_nums=None, n_head: int | None = None, trusted: bool = F
            "attn_l2_norm": sm is not None, "patch_nums": list(pns)}
     with torch.device("meta"):  # no init work: every tensor comes from the file
         model = VAR(**cfg)
-    return io.load_strict(model, sd, path)
-
-
-def load_vae(path, patch_nums=None, trusted: bool = False) -> VQVAE:
-    """Build a VQVAE from a checkpoint (`vae_ch160v4096z32.pth`, .safetensors, or {"model", "config"}),
-    inferring ch, ch_mult, num_res_blocks, vocab size, Cvae and the number of phi convs from shapes; strict
-    load, CPU, eval mode. As upstream, an `ema_vocab_hit_SV` saved for a different number of scales is reset
-    (it is usage statistics, not weights)."""
-    sd, cfg = io.read_state_dict(path, trusted=trusted)
-    need = partial(io.require_key, sd, path=path, what="VQVAE")
-    ch = need("encoder.conv_in.weight")[0]
-    n_levels = io.count_indices(sd, r"encoder\.down\.(\d+)\.")
-    ch_mult = [need(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(n_levels)]
-    V, cvae = need("quantize.embedding.weight")
-    pns = _check_patch_nums(patch_nums or cfg.get("patch_nums") or RELEASE_PATCH_NUMS)
-    cfg = {**cfg, "vocab_size": V, "z_channels": cvae, "ch": ch, "ch_mult": ch_mult,
-           "num_res_blocks": io.count_indices(sd, r"encoder\.down\.0\.block\.(\d+)\."), "patch_nums": list(pns),
-           "share_quant_resi": io.count_indices(sd, r"quantize\.quant_resi\.qresi_ls\.(\d+)\.")}
-    ema = sd.get("quantize.ema_vocab_hit_SV")
-    if ema is not None and ema.shape[0] != len(pns):
-        sd = {**sd, "quantize.ema_vocab_hit_SV": torch.zeros(len(pns), V)}
-    with torch.device("meta"):
-        model = VQVAE(**cfg)
     return io.load_strict(model, sd, path)

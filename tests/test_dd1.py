@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dd import baselines, dd1, flow, llamagen, params, teachers, train, var
+from dd import baselines, dd1, flow, llamagen, params, teachers, train, var, var_tokenizer
 
 PNS = (1, 2, 4)  # VAR scales of the small models: L = 21, 3 AR steps
 
@@ -25,7 +25,7 @@ def tiny_gpt(seed=0, grid=3, V=16, K=3, **kw):
 
 def tiny_var(seed=0):
     torch.manual_seed(seed)
-    vae = var.VQVAE(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=PNS)
+    vae = var_tokenizer.VQVAE(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=PNS)
     v = var.VAR(vocab_size=16, z_channels=4, num_classes=3, depth=2, embed_dim=32, num_heads=2, patch_nums=PNS)
     v.init_weights(init_adaln_gamma=0.5, init_head=1.0)  # blocks and head far from identity / zero
     return vae.eval(), v.eval()
@@ -284,6 +284,18 @@ def test_skip_n_fills_skipped_steps_from_marginals():
     assert torch.equal(baselines.skip_n(fam, None, g, y, 0, cfg, ref), g.generate(y, top_k=1))
 
 
+def test_skip_n_runs_only_the_kept_steps():
+    """One generator through the batches: each batch draws its kept steps only, so batch 2 starts where batch 1's
+    kept steps left the generator (running the skipped steps would shift every later batch's draws)."""
+    vae, v = tiny_var()
+    fam, cfg = teachers.family("var"), params.parse("sample_teacher", {"cfg": 1.5}, "var")
+    y, ref = torch.tensor([0, 1, 2, 1]), torch.zeros(5, 21, dtype=torch.long)
+    out = baselines.skip_n(fam, vae, v, y, 1, cfg, ref, torch.Generator().manual_seed(3), batch_size=2)
+    draw = var.Sampler(generator=torch.Generator().manual_seed(3))
+    want = [torch.cat(list(itertools.islice(v.steps(vae, y[i:i + 2], 1.5, draw), 2)), 1) for i in (0, 2)]
+    assert torch.equal(out[:, :5], torch.cat(want)) and (out[:, 5:] == 0).all()
+
+
 # ---- acceptance: a distilled one-step student reproduces an enumerable teacher's joint -------------------------
 
 def test_dd1_student_matches_enumerable_teacher(tmp_path):
@@ -315,7 +327,7 @@ def test_dd1_student_matches_enumerable_teacher(tmp_path):
     g = torch.Generator().manual_seed(1)
     N, M = 16000, 4000
     labels, noise = torch.randint(K, (N,), generator=g), torch.randn(N, L, D, generator=g)
-    tokens = teacher.generate(labels, sample_fn=lambda lg, n: flow.flow_map(noise[:, n], lg.log_softmax(-1), codebook))
+    tokens = teacher.generate(labels, step_fn=lambda n, lg: flow.flow_map(noise[:, n], lg.log_softmax(-1), codebook))
 
     model = dd1.DD1Model.from_teacher(teacher, D)
     cfg = train.FitConfig(n_steps=600, batch_size=256, lr=1e-2, warmup_steps=20, ckpt_every=10 ** 9, log_every=100)

@@ -1,5 +1,6 @@
 """dd.llamagen: official reference outputs, KV-cache consistency, closed forms, loaders and their errors."""
 import argparse
+import itertools
 import math
 import pathlib
 import re
@@ -9,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dd.llamagen import (GPT, GPT_CONFIGS, VQ_CONFIGS, VQModel, apply_rope, filter_logits, load_gpt, load_vq,
-                         rope_2d)
+from dd.llamagen import (GPT, GPT_CONFIGS, VQ_CONFIGS, Sampler, VQModel, apply_rope, filter_logits, load_gpt,
+                         load_vq, rope_2d)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 KEYS = Path(__file__).resolve().parents[2] / "shared" / "specs" / "keys"  # ../shared from the repository root
@@ -65,10 +66,18 @@ def test_gpt_logits_match_official(tmp_path):
                                atol=1e-5, rtol=0)
 
 
+def recorded(gpt, labels, cfg_scale, cfg_interval, draw):
+    """gpt.generate with `draw` as the step, also returning every step's guided logits [B, grid^2, V]."""
+    seen = []
+    tokens = gpt.generate(labels, cfg_scale, cfg_interval,
+                          step_fn=lambda n, logits: seen.append(logits) or draw(n, logits))
+    return tokens, torch.stack(seen, 1)
+
+
 def test_generate_matches_official_kv_cached_sampling(tmp_path):
     gpt, _, ref = official_gpt(tmp_path)
-    tokens, steps = gpt.generate(ref["gen_labels"], cfg_scale=ref["cfg_scale"].item(),
-                                 cfg_interval=int(ref["gen_cfg_interval"]), top_k=1, return_logits=True)
+    tokens, steps = recorded(gpt, ref["gen_labels"], ref["cfg_scale"].item(), int(ref["gen_cfg_interval"]),
+                             Sampler(top_k=1))
     assert tokens.dtype == torch.long and torch.equal(tokens, ref["gen_tokens"])
     torch.testing.assert_close(steps, ref["gen_logits"], atol=1e-5, rtol=0)
 
@@ -145,8 +154,10 @@ def test_kv_cache_logits_equal_teacher_forced():
     gpt = tiny_gpt()
     labels = torch.tensor([0, 4, 5])  # 5 = null class
     for s, interval in [(1.0, -1), (3.0, -1), (3.0, 2)]:
-        tokens, steps = gpt.generate(labels, cfg_scale=s, cfg_interval=interval, temperature=0.7, top_k=10,
-                                     generator=torch.Generator().manual_seed(1), return_logits=True)
+        tokens, steps = recorded(gpt, labels, s, interval,
+                                 Sampler(temperature=0.7, top_k=10, generator=torch.Generator().manual_seed(1)))
+        assert torch.equal(tokens, gpt.generate(labels, s, interval, temperature=0.7, top_k=10,
+                                                generator=torch.Generator().manual_seed(1)))
         assert tokens.shape == (3, 9) and steps.shape == (3, 9, 48)
         want = gpt.cfg_logits(tokens, labels, s) if s > 1 else gpt.logits(tokens, labels)
         if interval >= 0:  # guidance stops after token interval + 1
@@ -156,22 +167,28 @@ def test_kv_cache_logits_equal_teacher_forced():
     assert set(gpt.state_dict()) == set(tiny_gpt().state_dict())
 
 
-def test_generate_seeding_and_sample_fn():
+def test_generate_seeding_step_fn_and_early_stop():
     gpt = tiny_gpt()
     labels = torch.tensor([1, 2, 3, 4])
     draw = lambda seed: gpt.generate(labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
 
-    seen = []
+    seen, truncate = [], Sampler(top_k=5).filter
 
-    def argmax(logits, step):
+    def greedy(step, logits):
         seen.append((step, logits))
-        return logits.argmax(-1)
+        assert (truncate(logits) > float("-inf")).sum(-1).eq(5).all()  # the filter is the caller's to apply
+        return truncate(logits).argmax(-1)
 
-    tokens, steps = gpt.generate(labels, cfg_scale=2.0, top_k=5, sample_fn=argmax, return_logits=True)
+    tokens, steps = recorded(gpt, labels, 2.0, -1, greedy)
     assert [s for s, _ in seen] == list(range(9))
-    assert all((lg > float("-inf")).sum(-1).eq(5).all() for _, lg in seen)  # top-k applied before sample_fn
+    assert not steps.isinf().any()  # the hook sees the guided logits unfiltered
     assert torch.equal(tokens, steps.argmax(-1))  # greedy: the filter keeps the maximum
+    # the caller stops sampling by not asking for more steps: the same draws, in the same order
+    part = list(itertools.islice(gpt.steps(labels, 2.0, -1, Sampler(generator=torch.Generator().manual_seed(0))), 4))
+    assert torch.equal(torch.stack(part, 1), draw(0)[:, :4])
+    with pytest.raises(ValueError, match="not both"):
+        gpt.generate(labels, temperature=0.5, step_fn=Sampler())
 
 
 def test_gpt_loss_closed_forms():

@@ -90,6 +90,24 @@ def test_var_family_roundtrip(tiny_var):
     assert s.shape == t.shape and s.max() < 16
 
 
+def test_sample_step_fn_sees_every_step_of_every_batch(tiny_var):
+    fam, tok, teacher = tiny_var
+    cfg = params.parse("sample_teacher", {"top_k": 1}, "var")
+    y = torch.tensor([0, 1, 2])
+    seen = []
+
+    def greedy(step, logits):  # logits [B, pn², V]: guided, not yet truncated
+        seen.append((step, tuple(logits.shape)))
+        return fam.sampler(cfg).filter(logits).argmax(-1)
+
+    s = fam.sample(tok, teacher, y, cfg, batch_size=2, step_fn=greedy)
+    assert torch.equal(s, fam.sample(tok, teacher, y, cfg, torch.Generator().manual_seed(0), batch_size=2))
+    assert [k for k, _ in seen] == [*range(6), *range(6)]
+    assert [shape[:2] for _, shape in seen[:6]] == [(2, p * p) for p in tok.patch_nums] and seen[6][1][0] == 1
+    with pytest.raises(ValueError, match="not both"):
+        fam.sample(tok, teacher, y, cfg, torch.Generator(), step_fn=greedy)
+
+
 def test_methods_speed_times_batch_one_apart_from_the_large_batch(monkeypatch):
     from types import SimpleNamespace
 

@@ -1,9 +1,10 @@
-"""Tests for dd.var: the multi-scale VQVAE and the VAR transformer.
+"""Tests for dd.var_tokenizer (the multi-scale VQVAE) and dd.var (the VAR transformer and its sampler).
 
 Reference outputs in tests/fixtures/var_*.safetensors come from the official FoundationVision/VAR code run on tiny
 random-weight models (tests/fixtures/var_make_reference.py); the weights are stored in the official key layout,
 so these tests also exercise the loaders. The rest are closed forms and invariants on tiny models.
 """
+import itertools
 import json
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from dd import var
+from dd import var, var_tokenizer
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 KEYS = Path(__file__).resolve().parents[2] / "shared" / "specs" / "keys"  # ../shared beside the repository
@@ -52,7 +53,7 @@ def split(x, patch_nums):
 def small_models(seed=0, gamma=0.5):
     """Tiny random VQVAE + VAR on scales (1, 2, 4); AdaLN gains raised so that every block matters."""
     torch.manual_seed(seed)
-    vae = var.VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=SMALL)
+    vae = var_tokenizer.VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=SMALL)
     model = var.VAR(vocab_size=32, z_channels=8, num_classes=4, depth=2, embed_dim=32, num_heads=2,
                     patch_nums=SMALL)
     model.init_weights(init_adaln_gamma=gamma, init_head=1.0)
@@ -62,9 +63,9 @@ def small_models(seed=0, gamma=0.5):
 # ---- structure ---------------------------------------------------------------------------------------------------
 
 def test_phi_table_matches_upstream(vae_ref):
-    assert var.phi_index_table(10) == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]  # the release, with its tie at si = 2
+    assert var_tokenizer.phi_index_table(10) == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]  # the release, with its tie at si = 2
     for n in range(2, 17):
-        assert var.phi_index_table(n) == vae_ref[f"phi_table.{n}"].tolist(), n
+        assert var_tokenizer.phi_index_table(n) == vae_ref[f"phi_table.{n}"].tolist(), n
 
 
 def _read_keys(path):
@@ -79,7 +80,7 @@ def _read_keys(path):
 @pytest.mark.skipif(not KEYS.is_dir(), reason=f"shared key lists not found at {KEYS}")
 @pytest.mark.parametrize("build, fname", [
     (lambda: var.VAR(**var.VAR_CONFIGS["d16"]), "var_d16_keys.txt"),
-    (lambda: var.VQVAE(**var.VAE_CONFIGS["release"]), "var_vae_keys.txt"),
+    (lambda: var_tokenizer.VQVAE(**var_tokenizer.VAE_CONFIGS["release"]), "var_vae_keys.txt"),
 ])
 def test_release_keys_and_shapes_match_spec(build, fname):
     with torch.device("meta"):
@@ -115,7 +116,7 @@ def test_logits_of_a_scale_ignore_later_inputs():
 # ---- VQVAE against the official code ---------------------------------------------------------------------------
 
 def test_vae_matches_official(vae_file, vae_ref):
-    vae = var.load_vae(vae_file, patch_nums=FIX_PATCH_NUMS)
+    vae = var_tokenizer.load_vae(vae_file, patch_nums=FIX_PATCH_NUMS)
     assert vae.config["ch_mult"] == [1, 1] and vae.config["vocab_size"] == 64 and vae.config["z_channels"] == 8
     idx = vae.encode_scales(vae_ref["images"])
     assert [i.shape[1] for i in idx] == [p * p for p in FIX_PATCH_NUMS]
@@ -128,7 +129,7 @@ def test_vae_matches_official(vae_file, vae_ref):
 
 
 def test_vae_training_forward_matches_official(vae_file, vae_ref):
-    vae = var.load_vae(vae_file, patch_nums=FIX_PATCH_NUMS).train()
+    vae = var_tokenizer.load_vae(vae_file, patch_nums=FIX_PATCH_NUMS).train()
     rec, vq = vae(vae_ref["images"])
     (vq + rec.square().mean()).backward()
     close(rec, vae_ref["rec_train"])
@@ -141,7 +142,7 @@ def test_vae_training_forward_matches_official(vae_file, vae_ref):
 # ---- VAR against the official code -----------------------------------------------------------------------------
 
 def test_var_matches_official(vae_file, vae_ref, var_ref):
-    vae = var.load_vae(vae_file, patch_nums=FIX_PATCH_NUMS)
+    vae = var_tokenizer.load_vae(vae_file, patch_nums=FIX_PATCH_NUMS)
     model = var.load_var(FIX / "var_transformer_weights.safetensors", patch_nums=FIX_PATCH_NUMS)
     assert (model.config["depth"], model.config["embed_dim"], model.config["num_heads"]) == (2, 32, 2)
     assert model.config["num_classes"] == 5
@@ -150,13 +151,14 @@ def test_var_matches_official(vae_file, vae_ref, var_ref):
     close(model.logits(x_in, labels), var_ref["logits"])
     close(model.cfg_logits(x_in, labels, 1.5), var_ref["cfg_logits_tf"])
     # KV-cached path, forced onto the fixture tokens: per-scale guided logits as upstream's sampler saw them.
-    forced, kv = model.generate(vae, labels, cfg=1.5, sample_fn=lambda logits, si: idx[si], return_logits=True)
+    kv = []
+    forced = model.generate(vae, labels, cfg=1.5, step_fn=lambda si, logits: kv.append(logits) or idx[si])
     close(torch.cat(kv, 1), var_ref["cfg_logits_kv"])
     close(vae.decode_scales(forced) * 0.5 + 0.5, var_ref["image_kv"])  # upstream returns [0, 1]
 
 
 def test_var_seeded_sampling_matches_official(vae_file, var_ref):
-    vae = var.load_vae(vae_file, patch_nums=FIX_PATCH_NUMS)
+    vae = var_tokenizer.load_vae(vae_file, patch_nums=FIX_PATCH_NUMS)
     model = var.load_var(FIX / "var_transformer_weights.safetensors", patch_nums=FIX_PATCH_NUMS)
     g = torch.Generator().manual_seed(7)  # upstream: g_seed=7 -> self.rng.manual_seed(7)
     idx = model.generate(vae, var_ref["labels"], cfg=1.5, top_k=8, top_p=0.9, generator=g)
@@ -168,21 +170,29 @@ def test_var_seeded_sampling_matches_official(vae_file, var_ref):
 def test_kv_cache_logits_equal_teacher_forcing():
     vae, model = small_models(seed=1)
     labels = torch.tensor([0, 2, 3])
-    idx, kv = model.generate(vae, labels, cfg=2.0, generator=torch.Generator().manual_seed(0), return_logits=True)
+    draw, kv = var.Sampler(generator=torch.Generator().manual_seed(0)), []
+    idx = model.generate(vae, labels, cfg=2.0, step_fn=lambda si, logits: kv.append(logits) or draw(si, logits))
+    assert all(torch.equal(a, b) for a, b in zip(idx, model.generate(vae, labels, cfg=2.0,
+                                                                     generator=torch.Generator().manual_seed(0))))
     tf = model.cfg_logits(vae.teacher_forcing_input(idx), labels, 2.0)
     assert tf.std() > 0.1  # non-degenerate logits
     close(torch.cat(kv, 1), tf, 1e-4)
 
 
-def test_generate_stops_after_n_steps():
+def test_steps_stop_when_the_caller_stops():
     vae, model = small_models(seed=1)
     labels = torch.tensor([0, 2])
     full = model.generate(vae, labels, cfg=2.0, generator=torch.Generator().manual_seed(0))
-    part = model.generate(vae, labels, cfg=2.0, generator=torch.Generator().manual_seed(0), n_steps=2)
+    steps = model.steps(vae, labels, 2.0, var.Sampler(generator=torch.Generator().manual_seed(0)))
+    part = list(itertools.islice(steps, 2))
     assert len(part) == 2 and all(torch.equal(a, b) for a, b in zip(part, full))
-    assert model.generate(vae, labels, n_steps=0) == []
-    with pytest.raises(ValueError, match="n_steps must be in"):
-        model.generate(vae, labels, n_steps=len(model.patch_nums) + 1)
+    # a suspended sampler leaves no KV cache switched on: teacher forcing is unaffected
+    x_in = vae.teacher_forcing_input(full)
+    close(model.logits(x_in, labels), small_models(seed=1)[1].logits(x_in, labels), 0.0)
+    steps.close()
+    assert all(b.attn.kv is None and not b.attn.caching for b in model.blocks)
+    with pytest.raises(ValueError, match="not both"):
+        model.generate(vae, labels, top_k=2, step_fn=var.Sampler())
 
 
 def test_cfg_ramp_closed_form():
@@ -211,17 +221,19 @@ def test_filter_logits_closed_form():
     assert torch.equal(var.filter_logits(batch, 2, 0.5), var.filter_logits(logits, 2, 0.5).expand(2, 3, 4))
 
 
-def test_sample_fn_receives_filtered_logits():
+def test_step_fn_receives_guided_logits():
     vae, model = small_models()
-    seen = []
+    seen, truncate = [], var.Sampler(top_k=3).filter
 
-    def argmax(logits, si):
+    def greedy(si, logits):
         seen.append(logits)
-        return logits.argmax(-1)
+        assert ((~truncate(logits).isinf()).sum(-1) == 3).all()  # the filter is the caller's to apply
+        return truncate(logits).argmax(-1)
 
-    idx = model.generate(vae, torch.tensor([1]), cfg=1.0, top_k=3, sample_fn=argmax)
-    assert [i.shape for i in idx] == [(1, 1), (1, 4), (1, 16)]
-    assert all(((~s.isinf()).sum(-1) == 3).all() for s in seen)
+    idx = model.generate(vae, torch.tensor([1]), cfg=1.0, step_fn=greedy)
+    assert [i.shape for i in idx] == [(1, 1), (1, 4), (1, 16)] and [s.shape[1] for s in seen] == [1, 4, 16]
+    assert not any(s.isinf().any() for s in seen)  # unfiltered
+    assert all(torch.equal(a, b) for a, b in zip(idx, model.generate(vae, torch.tensor([1]), cfg=1.0, top_k=1)))
 
 
 def test_label_dropout_only_in_training():
@@ -280,7 +292,8 @@ def test_vae_loss_restarts_dead_codes():
 
 def test_vae_loss_decreases():
     torch.manual_seed(0)
-    vae = var.VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1,), num_res_blocks=1, patch_nums=SMALL).train()
+    vae = var_tokenizer.VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1,), num_res_blocks=1,
+                              patch_nums=SMALL).train()
     images = torch.rand(4, 3, 4, 4) * 2 - 1
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
     first = None
@@ -297,7 +310,7 @@ def test_vae_loss_decreases():
 
 def test_config_rebuilds_models():
     vae, model = small_models()
-    for m, cls in [(vae, var.VQVAE), (model, var.VAR)]:
+    for m, cls in [(vae, var_tokenizer.VQVAE), (model, var.VAR)]:
         json.dumps(m.config)  # plain types only
         again = cls(**m.config)
         assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
@@ -305,9 +318,9 @@ def test_config_rebuilds_models():
 
 def test_validation_errors():
     with pytest.raises(ValueError, match="multiple of 32"):
-        var.VQVAE(ch=48, ch_mult=(1, 2), patch_nums=SMALL)
+        var_tokenizer.VQVAE(ch=48, ch_mult=(1, 2), patch_nums=SMALL)
     with pytest.raises(ValueError, match="strictly increasing"):
-        var.VQVAE(ch=32, ch_mult=(1, 2), patch_nums=(1, 4, 2))
+        var_tokenizer.VQVAE(ch=32, ch_mult=(1, 2), patch_nums=(1, 4, 2))
     with pytest.raises(ValueError, match="divisible"):
         var.VAR(depth=2, embed_dim=30, num_heads=4, patch_nums=SMALL)
     vae, model = small_models()
@@ -329,11 +342,11 @@ def test_loaders_roundtrip_and_strict_errors(tmp_path):
         var.load_var(p)  # release patch_nums by default
     # our own {"model", "config"} checkpoints carry patch_nums
     torch.save({"model": vae.state_dict(), "config": vae.config}, tmp_path / "vae.pt")
-    assert var.load_vae(tmp_path / "vae.pt").config == vae.config
+    assert var_tokenizer.load_vae(tmp_path / "vae.pt").config == vae.config
     # an ema_vocab_hit_SV saved for another number of scales is reset, as upstream
     sd = {**vae.state_dict(), "quantize.ema_vocab_hit_SV": torch.ones(10, 32)}
     save_file(sd, str(tmp_path / "vae.safetensors"))
-    assert var.load_vae(tmp_path / "vae.safetensors", patch_nums=SMALL).quantize.ema_vocab_hit_SV.sum() == 0
+    assert var_tokenizer.load_vae(tmp_path / "vae.safetensors", patch_nums=SMALL).quantize.ema_vocab_hit_SV.sum() == 0
 
     bad = dict(model.state_dict())
     del bad["head.bias"]
@@ -351,6 +364,6 @@ def test_loaders_roundtrip_and_strict_errors(tmp_path):
         var.load_var(tmp_path / "cut.pth", patch_nums=SMALL)
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "vae.safetensors").read_bytes()[:100])
     with pytest.raises(ValueError, match="cut.safetensors"):
-        var.load_vae(tmp_path / "cut.safetensors", patch_nums=SMALL)
+        var_tokenizer.load_vae(tmp_path / "cut.safetensors", patch_nums=SMALL)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         var.load_var(tmp_path / "nope.pth")
