@@ -99,8 +99,6 @@ def csd_loss(z: torch.Tensor, logp: torch.Tensor, guide: ardiff.ARDiffusion, f_g
     return loss, {"csd": loss.item(), "gap": (m_real - m_fake).detach().pow(2).sum(-1).mean().item()}
 
 
-
-
 @dataclass
 class DistillConfig:
     """The distillation's settings: the train_dd2 section's knobs (`from_section`), the run's seed and precision,
