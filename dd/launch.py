@@ -9,7 +9,7 @@ checkpoint, `torchrun --standalone --nproc_per_node N -m dd.launch <job>` runs i
 gloo on CPU, NCCL with one GPU per process), and rank 0 pickles back its return value and its copies of the
 arguments: the caller's modules receive the trained weights (and train / eval modes), other `dd` objects passed
 in (e.g. a `dd2.Probe`) their state. The training functions (`train.fit`, `dd2.distill`,
-`dd2.adapt_continuous_input`, `trajectories.build`) split each global batch across the processes themselves.
+`ardiff.adapt_continuous_input`, `trajectories.build`) split each global batch across the processes themselves.
 
 The stages launch on one machine; across machines, scripts call the training functions under torchrun's
 rendezvous themselves (README "GPU profile and multiple processes").

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from . import baselines, dd1, dd2, flow, io, params, teachers
+from . import ardiff, baselines, dd1, dd2, flow, io, params, teachers
 from .trajectories import load_pairs
 
 DIRS = dict(tokenizer="data/train_tokenizer", teacher="data/train_teacher", samples="data/sample_teacher",
@@ -89,7 +89,7 @@ def load(family: str, dirs: dict | None = None, device="cpu", need_students: boo
                  dev)
     tok_s, tea_s = (_seconds(d["metrics"], f"{s}_{family}") for s in ("train_tokenizer", "train_teacher"))
     out.train_seconds["teacher"] = None if tok_s is None or tea_s is None else tok_s + tea_s
-    for name, cls, folder in (("dd1", dd1.DD1Model, d["dd1"]), ("dd2", dd2.ARDiffusion, d["dd2"])):
+    for name, cls, folder in (("dd1", dd1.DD1Model, d["dd1"]), ("dd2", ardiff.ARDiffusion, d["dd2"])):
         path = io.path(folder, family)
         if not (path / f"{name}.safetensors").is_file():
             if need_students:

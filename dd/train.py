@@ -7,6 +7,21 @@ any point and started again continues exactly where its last checkpoint left it.
 The loop runs with deterministic kernels (`deterministic`): the same seed on the same device gives the same
 weights from run to run (at the same thread count).
 
+`Run` is that machinery on its own (fingerprint, resume, NaN guard, timing, progress bar, atomic checkpoint), so a
+loop with another shape (`dd.dd2.distill`: two networks, two optimizers) resumes, times and stops the same way:
+
+    run = Run(ckpt_path, n_steps, fingerprint(cfg, [model], data), {"model": model, "optimizer": opt})
+    run.resume()                      # the checkpoint's state, step, history and RNG, if it is this run's
+    with run.loop():                  # deterministic kernels, the progress bar
+        while run.step < n_steps:
+            loss = ...
+            run.check_finite(loss)    # TrainingDiverged naming the step and the last good checkpoint
+            step_optimizer(opt, loss, params, grad_clip)
+            run.step += 1
+            if run.due(ckpt_every):
+                run.save()
+            run.bar.update(1)
+
 Under `torchrun` (`dd.dist.init()` first), every process runs the same call: each takes its share of the same global
 batch (`batch_size` rows, split evenly by rank), gradients are averaged across processes before each optimizer
 step, and rank 0 writes the checkpoints (with every rank's RNG state). The result equals the single-process run at
@@ -20,11 +35,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +52,14 @@ from . import dist, io
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss; the message names the step and the last good checkpoint (kept on disk)."""
+
+
+def of_section(cls, section, **overrides):
+    """`cls` (a config dataclass) from the fields of a params section (`dd.params`) that share its field names,
+    then `overrides` (values that live in another section, such as base.seed or runtime.precision)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names}
+    return cls(**{**values, **overrides})
 
 
 @dataclass
@@ -54,6 +78,12 @@ class FitConfig:
     seed: int = 0
     precision: str = "fp32"       # "bf16": the loss runs under bf16 autocast (weights, optimizer and EMA stay fp32)
     torch_compile: bool = False   # torch.compile the loss function (model calls included)
+
+    @classmethod
+    def from_section(cls, section, **overrides) -> "FitConfig":
+        """From a params section's n_steps, batch_size, lr, weight_decay, warmup_steps, ema_decay (those it has;
+        `of_section`) and the overrides: `FitConfig.from_section(cfg, seed=seed, precision=rt.precision)`."""
+        return of_section(cls, section, **overrides)
 
 
 def lr_at(step: int, cfg: FitConfig) -> float:
@@ -107,6 +137,11 @@ def deterministic(device: torch.device | str):
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for precision "bf16" (weights and optimizer state stay fp32), a no-op for "fp32"."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
 def inputs_digest(modules, data: dict[str, torch.Tensor] | None = None) -> str:
     """A checksum of what a run starts from: its networks' initial weights and its data.
@@ -125,6 +160,128 @@ def inputs_digest(modules, data: dict[str, torch.Tensor] | None = None) -> str:
         h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
         h.update(rows.detach().cpu().double().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def fingerprint(cfg, modules: list[nn.Module], data: dict[str, torch.Tensor] | None = None, **more) -> dict:
+    """What a checkpoint must match to be resumed: the run's settings (a config dataclass), the config of the
+    network it trains (modules[0]), the digest of every network's initial weights and of the data, and `more`."""
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    return {"config": settings, "model_config": copy.deepcopy(getattr(modules[0], "config", None)),
+            "inputs": inputs_digest(modules, data), **more}
+
+
+class Run:
+    """The bookkeeping of one resumable training run, shared by every loop in `dd` (see the module docstring).
+
+    ckpt_path: the checkpoint (written atomically by rank 0); n_steps: the run's length (`due` is true at the last
+    step); fingerprint: what a checkpoint must match to be resumed (`fingerprint`); objects: {name: module or
+    optimizer} saved by state_dict (None: absent from this run); values: {name: plain value} saved and restored
+    as they are (counters, records), read and changed through `run.values`; unit: how messages name a step.
+    `step` and `history` (the logged rows) are the loop's to advance and extend; `seconds()` is the training's
+    wall time, summed over every run that built the checkpoint, without the time spent in `untimed()` blocks.
+    """
+
+    def __init__(self, ckpt_path: str | Path, n_steps: int, fingerprint: dict, objects: dict,
+                 values: dict | None = None, desc: str = "train", device: torch.device | str = "cpu",
+                 unit: str = "step"):
+        self.path, self.n_steps, self.fingerprint = Path(ckpt_path), n_steps, fingerprint
+        self.objects, self.values = objects, dict(values or {})
+        self.desc, self.device, self.unit = desc, torch.device(device), unit
+        self.step, self.history, self.resumed_from, self.bar = 0, [], 0, None
+        self._spent, self._start, self._untimed = 0.0, time.perf_counter(), 0.0
+
+    def resume(self) -> bool:
+        """Load the checkpoint if it is this run's (same fingerprint) and start the clock; → whether it did."""
+        ck = io.load_checkpoint(self.path, map_location=self.device) if self.path.is_file() else None
+        if ck is not None and ck.get("fingerprint") != self.fingerprint:  # another run's state: never resume it
+            print(f"{self.path}: written by a run with other settings, weights or data; starting afresh")
+            ck = None
+        if ck is not None:
+            for name, obj in self.objects.items():
+                if obj is not None:
+                    obj.load_state_dict(ck[name])
+            self.values.update({k: ck[k] for k in self.values})
+            self.step, self.history, self._spent = ck["step"], ck["history"], ck["seconds"]
+            ranks = ck.get("rng_ranks")  # every rank's own state, when the run had as many processes as this one
+            _set_rng_state(ranks[dist.rank()] if ranks and len(ranks) == dist.world() else ck["rng"])
+        self.resumed_from = self.step
+        self._start = time.perf_counter()
+        return ck is not None
+
+    def seconds(self) -> float:
+        return self._spent + time.perf_counter() - self._start - self._untimed
+
+    @contextlib.contextmanager
+    def untimed(self):
+        """A block whose wall time `seconds()` leaves out (reporting inside the loop, not training)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._untimed += time.perf_counter() - t0
+
+    def save(self) -> None:
+        """The checkpoint of the current step; every rank takes part (RNG states gathered), rank 0 writes."""
+        rng = dist.gather(_rng_state())
+        if dist.is_main():
+            io.save_checkpoint(self.path, {
+                **{k: o.state_dict() if o is not None else None for k, o in self.objects.items()}, **self.values,
+                "step": self.step, "history": self.history, "seconds": self.seconds(), "rng": rng[0],
+                **({"rng_ranks": rng} if len(rng) > 1 else {}), "fingerprint": self.fingerprint})
+        dist.barrier()
+
+    def due(self, every: int) -> bool:
+        """Whether the current step ends a period of `every` steps (or the run)."""
+        return self.step % every == 0 or self.step == self.n_steps
+
+    @contextlib.contextmanager
+    def loop(self):
+        """The loop's context: deterministic kernels and the progress bar `run.bar` (on rank 0)."""
+        with deterministic(self.device):
+            self.bar = io.progress(total=self.n_steps, initial=self.step, desc=self.desc, disable=not dist.is_main())
+            try:
+                yield self
+            finally:
+                self.bar.close()
+
+    def log(self, row: dict, *shown: str) -> None:
+        """Append a history row; the values named in `shown` go onto the progress bar."""
+        self.history.append(row)
+        self.bar.set_postfix({k: f"{row[k]:.4f}" for k in shown})
+
+    def check_finite(self, loss: torch.Tensor, what: str = "loss") -> None:
+        """Raise `TrainingDiverged` (naming the step and the last good checkpoint) unless loss is finite on
+        every rank."""
+        finite = torch.isfinite(loss) if dist.world() == 1 else dist.mean(torch.isfinite(loss).float()) == 1
+        if not finite:
+            last = f"{self.path} (step {io.load_checkpoint(self.path)['step']})" if self.path.is_file() \
+                else "none written yet"
+            raise TrainingDiverged(f"{self.desc}: {what} is {loss.item()} at {self.unit} {self.step}; "
+                                   f"last good checkpoint: {last}")
+
+
+def mean_over_ranks(values: dict) -> dict:
+    """{name: float} averaged over the processes (float64; the values themselves on one process)."""
+    if dist.world() == 1:
+        return {k: float(v) for k, v in values.items()}
+    means = dist.mean(torch.tensor([float(v) for v in values.values()], dtype=torch.float64)).tolist()
+    return dict(zip(values, means))
+
+
+def step_optimizer(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[nn.Parameter], grad_clip: float,
+                   zero_non_finite: bool = False) -> None:
+    """One update of `params` from `loss`: backward, (non-finite gradient entries set to 0), gradients averaged
+    over the processes, their norm clipped to grad_clip (0: off), the optimizer's step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if zero_non_finite:
+        for p in params:
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    dist.average_gradients(params)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
 
 
 @torch.no_grad()
@@ -149,92 +306,45 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
     n = {len(v) for v in data.values()}
     if len(n) != 1:
         raise ValueError(f"fit: data tensors differ in length: { {k: len(v) for k, v in data.items()} }")
-    n = n.pop()
-    device = torch.device(device)
-    ckpt_path = Path(ckpt_path)
-    world, rank = dist.world(), dist.rank()
+    n, device, world, rank = n.pop(), torch.device(device), dist.world(), dist.rank()
     if cfg.batch_size % world:
         raise ValueError(f"fit: batch_size {cfg.batch_size} does not split evenly across {world} processes")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"fit: precision must be fp32 or bf16, got {cfg.precision!r}")
     torch.manual_seed(cfg.seed + rank)  # (ranks draw different dropout masks)
     model.to(device).train()
     dist.broadcast_module(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
-    step, history, spent = 0, [], 0.0
-    fingerprint = {"fit_config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
-                   "model_config": getattr(model, "config", None), "n": n, "inputs": inputs_digest([model], data)}
-    if world > 1:
-        fingerprint["world"] = world
-    ck = io.load_checkpoint(ckpt_path, map_location=device) if ckpt_path.is_file() else None
-    if ck is not None and ck.get("fingerprint") != fingerprint:  # another run's state: never resume from it
-        print(f"{ckpt_path}: written by a run with other settings, weights or data; starting afresh")
-        ck = None
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        if ema is not None:
-            ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
-        step, history, spent = ck["step"], ck["history"], ck.get("seconds", 0.0)
-        _set_rng_state(ck["rng_ranks"][rank] if world > 1 else ck["rng"])
-    resumed_from = step
-
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"fit: precision must be fp32 or bf16, got {cfg.precision!r}")
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=cfg.betas)
+    run = Run(ckpt_path, cfg.n_steps, fingerprint(cfg, [model], data, n=n, **({"world": world} if world > 1 else {})),
+              {"model": model, "ema": ema, "optimizer": opt}, desc=desc, device=device)
+    run.resume()
     compute = torch.compile(loss_fn) if cfg.torch_compile else loss_fn
-    t_start = time.perf_counter()
-
-    def save():
-        rng = dist.gather(_rng_state())  # every rank takes part; rank 0 writes
-        if dist.is_main():
-            io.save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                "optimizer": opt.state_dict(), "step": step, "history": history, "rng": rng[0],
-                "seconds": spent + time.perf_counter() - t_start,
-                **({"rng_ranks": rng} if world > 1 else {}), "fingerprint": fingerprint})
-        dist.barrier()
-
-    with deterministic(device):
-        bar = io.progress(total=cfg.n_steps, initial=step, desc=desc, disable=not dist.is_main())
-        while step < cfg.n_steps:
-            rows = batch_indices(n, cfg.batch_size, step, cfg.seed)[rank::world]  # this rank's share
+    with run.loop():
+        while run.step < cfg.n_steps:
+            rows = batch_indices(n, cfg.batch_size, run.step, cfg.seed)[rank::world]  # this rank's share
             batch = {k: v[rows].to(device, non_blocking=True) for k, v in data.items()}
-            lr = lr_at(step, cfg)
+            lr = lr_at(run.step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            with autocast(device, cfg.precision):
                 out = compute(model, batch)
             loss, logs = out if isinstance(out, tuple) else (out, {})
-            if not (torch.isfinite(loss) if world == 1 else dist.mean(torch.isfinite(loss).float()) == 1):
-                last = f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=True)['step']})" \
-                    if ckpt_path.is_file() else "none written yet"
-                raise TrainingDiverged(f"{desc}: loss is {loss.item()} at step {step}; last good checkpoint: {last}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            dist.average_gradients(params)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            run.check_finite(loss)
+            step_optimizer(opt, loss, params, cfg.grad_clip)
             if ema is not None:
                 ema_update(ema, model, cfg.ema_decay)
-            step += 1
+            run.step += 1
             if on_step is not None:
-                on_step(model, step)
-            if step % cfg.log_every == 0 or step == cfg.n_steps:
-                keys = list(logs)
-                vals = dist.mean(torch.tensor([loss.item(), *(float(logs[k]) for k in keys)], dtype=torch.float64))
-                history.append({"step": step, "loss": vals[0].item(), "lr": lr,
-                                **{k: v.item() for k, v in zip(keys, vals[1:])}})
-                bar.set_postfix(loss=f"{vals[0].item():.4f}")
-            if step % cfg.ckpt_every == 0 or step == cfg.n_steps:
-                save()
-            bar.update(1)
-        bar.close()
+                on_step(model, run.step)
+            if run.due(cfg.log_every):
+                means = mean_over_ranks({"loss": loss.item(), **logs})
+                run.log({"step": run.step, "loss": means.pop("loss"), "lr": lr, **means}, "loss")
+            if run.due(cfg.ckpt_every):
+                run.save()
+            run.bar.update(1)
     model.eval()
-    return {"history": history, "ema": ema, "resumed_from": resumed_from,
-            "seconds": spent + time.perf_counter() - t_start}
+    return {"history": run.history, "ema": ema, "resumed_from": run.resumed_from, "seconds": run.seconds()}

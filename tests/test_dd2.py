@@ -1,10 +1,11 @@
-"""Tests for dd.dd2 (DD2: continuous-input teacher, AR-diffusion model, CSD distillation, sampling).
+"""Tests for dd.dd2 (DD2: the generator, CSD distillation, its config, sampling).
 
-Tiny random teachers of both families check the wiring (copies, causality, the teacher's distribution given
-continuous prefixes, the CSD loss's fixed point, exact resume, the NaN guard); the acceptance test distils the
-enumerable toy LlamaGen teacher of tests/test_dd1.py and compares the one-step generator with onestep*.
+Tiny random teachers of both families (tests/test_ardiff.py) check the wiring (causality, the CSD loss's fixed
+point, exact resume, the NaN guard); the acceptance test distils the enumerable toy LlamaGen teacher of
+tests/test_dd1.py and compares the one-step generator with onestep*.
 """
 import copy
+import dataclasses
 import itertools
 import math
 
@@ -12,97 +13,24 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dd import baselines, dd1, dd2, flow, llamagen, params, train, var
-from test_dd1 import PNS, tiny_gpt, tiny_var
+from dd import ardiff, baselines, dd2, flow, llamagen, params, train
+from test_ardiff import SAMPLING, tiny_setup
 
-SAMPLING = {"llamagen": params.read_section("sample_teacher", "llamagen", cfg_scale=2.0, top_k=5),
-            "var": params.read_section("sample_teacher", "var", cfg=2.0, top_k=5)}
-
-
-class Lookup(nn.Module):
-    """An input 'MLP' that maps each code vector exactly to its row of the token table (nearest code)."""
-
-    def __init__(self, codebook, table):
-        super().__init__()
-        self.codebook, self.table = codebook, table
-
-    def forward(self, x):
-        idx = flow.nearest_code(x.reshape(-1, x.shape[-1]), self.codebook).view(x.shape[:-1])
-        return self.table[idx]
+# the train_dd2 knobs of a DistillConfig at the values these tests were written for
+DISTILL = dict(lr_gen=1e-4, lr_guide=2e-4, warmup_steps=0, lr_gen_decay_to=1.0, teacher_prefix="continuous", k_guide=5,
+               align_at=0, align_steps=0, k_after=2, n_noise=4, t_min=0.02, t_max=0.98, ema_max=0.9999,
+               csd_weight="token", seed=0, precision="fp32")
 
 
-def tiny_setup(family, D=4, seed=0):
-    """(tok, discrete teacher, teacher Φ for DD2, codebook [V, D]) of a tiny random teacher."""
-    if family == "llamagen":
-        gpt = tiny_gpt(seed)
-        torch.manual_seed(seed + 1)
-        codebook = torch.randn(gpt.vocab_size, D)
-        phi = dd2.ContinuousGPT.from_teacher(gpt, D).eval()
-        return None, gpt, phi, codebook
-    tok, v = tiny_var(seed)
-    return tok, v, v, tok.codebook().detach()
-
-
-def test_continuous_gpt_reads_codes_like_the_teacher():
-    """With an input map that sends c_v to the token table's row v, the continuous teacher IS the teacher."""
-    tok, gpt, phi, codebook = tiny_setup("llamagen")
-    phi.tok_mlp = Lookup(codebook, gpt.tok_embeddings.weight.detach())
-    tokens, labels = torch.randint(16, (5, 9)), torch.tensor([0, 1, 2, 3, 1])  # 3 = the null class
-    torch.testing.assert_close(phi.logits(codebook[tokens], labels), gpt.logits(tokens, labels))
-    torch.testing.assert_close(phi.cfg_logits(codebook[tokens[:4]], labels[:4], 2.0),
-                               gpt.cfg_logits(tokens[:4], labels[:4], 2.0))
-
-
-@pytest.mark.parametrize("family", ["llamagen", "var"])
-def test_teacher_logp_matches_the_samplers_distribution(family):
-    """teacher_logp on code vectors = the filtered, guided logits the ordinary sampler draws from (dd1)."""
-    tok, gpt, phi, codebook = tiny_setup(family)
-    if family == "llamagen":
-        phi.tok_mlp = Lookup(codebook, gpt.tok_embeddings.weight.detach())
-    L = 9 if family == "llamagen" else sum(p * p for p in PNS)
-    tokens, labels = torch.randint(16, (4, L)), torch.tensor([0, 1, 2, 0])
-    got = dd2.teacher_logp(phi, tok, codebook[tokens], labels, SAMPLING[family])
-    ends = [0, *dd1.step_ends(gpt)]
-    for s in range(len(ends) - 1):
-        want = dd1.guided_logits(gpt, tok, tokens, labels, SAMPLING[family], s).log_softmax(-1)
-        assert torch.equal(torch.isinf(got[:, ends[s]:ends[s + 1]]), torch.isinf(want))
-        torch.testing.assert_close(got[:, ends[s]:ends[s + 1]], want)
-
-
-def test_fit_input_mlp_and_kl_adaptation_reduce_the_gap(tmp_path):
-    tok, gpt, phi, codebook = tiny_setup("llamagen")
-    losses = dd2.fit_input_mlp(phi, gpt.tok_embeddings.weight, codebook, n_steps=300, lr=1e-2)
-    assert losses[-1] < 0.05 * losses[0], (losses[0], losses[-1])
-    tokens, labels = torch.randint(16, (64, 9)), torch.randint(3, (64,))
-    kl = dd2.kl_to_teacher(gpt, codebook)
-    before = kl(phi, {"tokens": tokens, "labels": labels})[0].item()
-    train.fit(phi, kl, {"tokens": tokens, "labels": labels},
-              train.FitConfig(n_steps=40, batch_size=32, lr=3e-3, ckpt_every=10 ** 9), tmp_path / "adapt.pt")
-    after = kl(phi, {"tokens": tokens, "labels": labels})[0].item()
-    assert after < 0.5 * before, (before, after)
-
-
-@pytest.mark.parametrize("family", ["llamagen", "var"])
-def test_ardiffusion_copies_the_backbone_and_starts_at_zero_velocity(family):
-    tok, gpt, phi, codebook = tiny_setup(family)
-    model = dd2.ARDiffusion.from_teacher(phi, head_width=32, head_depth=2)
-    skip = "output." if family == "llamagen" else "head."
-    want = {k: v for k, v in phi.state_dict().items() if not k.startswith(skip)}
-    got = {k[len("backbone."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
-    x, labels = torch.randn(3, model.L, model.D), torch.tensor([0, 1, 2])
-    f = model.features(dd2.seq_input(tok, x), labels)
-    assert f.shape[:2] == (3, model.L)
-    assert torch.equal(model.velocity(x, torch.rand(3, model.L), f), torch.zeros_like(x))
-    copy = dd2.ARDiffusion(**model.config)
-    copy.load_state_dict(model.state_dict(), strict=True)  # rebuilt from its config alone
+def distill_config(n_steps, batch_size, **kw) -> dd2.DistillConfig:
+    return dd2.DistillConfig(n_steps=n_steps, batch_size=batch_size, **{**DISTILL, **kw})
 
 
 @pytest.mark.parametrize("family", ["llamagen", "var"])
 def test_generator_is_causal_in_the_noise(family):
     """q_i depends on eps_i and the noise of EARLIER AR steps only (Jacobian blocks), and on all of those."""
     tok, gpt, phi, codebook = tiny_setup(family)
-    gen = dd2.ARDiffusion.from_teacher(phi, head_width=32, head_depth=2)
+    gen = ardiff.ARDiffusion.from_teacher(phi, head_width=32, head_depth=2)
     for p in gen.head.parameters():  # a head that is not zero, so the noise reaches the output
         nn.init.normal_(p, std=0.3)
     L, D = gen.L, gen.D
@@ -151,7 +79,7 @@ def test_csd_weight_normalises_per_token_or_per_sequence():
 
     def manual(dims):
         torch.manual_seed(1)
-        t, _, x = dd2._noised(z, 0.02, 0.98)
+        t, _, x = ardiff.noised(z, 0.02, 0.98)
         m_real = flow.posterior_mean(x.reshape(-1, D), t.reshape(-1), logp.reshape(-1, V), codebook).view(B, L, D)
         w = 1 / (z - m_real).abs().mean(dims, keepdim=True)
         return (w * (m_real - x) * (x - z)).sum(-1).mean()
@@ -167,57 +95,19 @@ def test_csd_weight_normalises_per_token_or_per_sequence():
 def test_generator_lr_warms_up_then_decays_to_its_final_fraction(tmp_path):
     """lr_gen_decay_to = 1 keeps the rate constant after the warm-up; below 1 a cosine takes it from lr_gen (first
     update after the warm-up) down to lr_gen · lr_gen_decay_to (last update), never rising; distill applies it."""
-    const = dd2.DistillConfig(n_steps=20, batch_size=4, lr_gen=1e-3, warmup_steps=4)
+    const = distill_config(n_steps=20, batch_size=4, lr_gen=1e-3, warmup_steps=4)
     assert [dd2.gen_lr(const, s) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert all(dd2.gen_lr(const, s) == 1e-3 for s in range(4, 20))
-    decay = dd2.DistillConfig(n_steps=20, batch_size=4, lr_gen=1e-3, warmup_steps=4, lr_gen_decay_to=0.1)
+    decay = distill_config(n_steps=20, batch_size=4, lr_gen=1e-3, warmup_steps=4, lr_gen_decay_to=0.1)
     lrs = [dd2.gen_lr(decay, s) for s in range(20)]
     assert lrs[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3]) and lrs[-1] == pytest.approx(1e-4)
     assert lrs[11] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     tok, gpt, phi, codebook = tiny_setup("llamagen")
-    gen, guide = (dd2.ARDiffusion.from_teacher(phi, head_width=16, head_depth=1) for _ in range(2))
-    cfg = dd2.DistillConfig(n_steps=3, batch_size=2, k_guide=1, lr_gen=1e-3, lr_gen_decay_to=0.25, log_every=1)
+    gen, guide = (ardiff.ARDiffusion.from_teacher(phi, head_width=16, head_depth=1) for _ in range(2))
+    cfg = distill_config(n_steps=3, batch_size=2, k_guide=1, lr_gen=1e-3, lr_gen_decay_to=0.25, log_every=1)
     out = dd2.distill(gen, guide, phi, tok, codebook, SAMPLING["llamagen"], 3, cfg, tmp_path / "d.pt")
     assert [h["lr_gen"] for h in out["history"]] == pytest.approx([1e-3, 6.25e-4, 2.5e-4])
-
-
-def test_soft_snap_goes_from_the_codebook_mean_to_the_nearest_code():
-    """soft_snap(y, C, tau) = Σ softmax(−‖y − c‖² / (tau s²)) c: the nearest code as tau → 0, the plain mean of the
-    codes as tau → ∞, the closed form in between, with a finite gradient."""
-    torch.manual_seed(0)
-    codebook, y = torch.randn(9, 3, dtype=torch.float64), torch.randn(4, 5, 3, dtype=torch.float64)
-    s = dd2.code_spacing(codebook)
-    assert s == torch.cdist(codebook, codebook).fill_diagonal_(float("inf")).min(1).values.median()
-    torch.testing.assert_close(dd2.soft_snap(y, codebook, 1e-4), dd2.snap(y, codebook))
-    torch.testing.assert_close(dd2.soft_snap(y, codebook, 1e12), codebook.mean(0).expand_as(y))
-    w = torch.exp(-((y[..., None, :] - codebook) ** 2).sum(-1) / (0.5 * s ** 2))
-    torch.testing.assert_close(dd2.soft_snap(y, codebook, 0.5), (w / w.sum(-1, keepdim=True)) @ codebook)
-    y.requires_grad_(True)
-    dd2.soft_snap(y, codebook, 0.05).sum().backward()
-    assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
-
-
-def test_generator_output_temperature_anneals_and_travels_with_the_model(tmp_path):
-    """out_tau → out_tau_end geometrically over the updates; distill sets it on G and its EMA; generate soft-snaps
-    to the tokenizer's codebook; a model rebuilt from its config keeps it; out_tau = 0 leaves config as before."""
-    cfg = dd2.DistillConfig(n_steps=5, batch_size=2, out_tau=0.4, out_tau_end=0.025)
-    assert [dd2.out_tau(cfg, s) for s in range(5)] == pytest.approx([0.4, 0.2, 0.1, 0.05, 0.025])
-    assert dd2.out_tau(dd2.DistillConfig(n_steps=5, batch_size=2, out_tau=0.3), 4) == 0.3
-    tok, v, phi, codebook = tiny_setup("var")
-    gen, guide = (dd2.ARDiffusion.from_teacher(phi, head_width=16, head_depth=1) for _ in range(2))
-    plain = dict(gen.config)
-    cfg = dd2.DistillConfig(n_steps=3, batch_size=2, k_guide=1, out_tau=0.4, out_tau_end=0.1)
-    out = dd2.distill(gen, guide, phi, tok, codebook, SAMPLING["var"], 3, cfg, tmp_path / "d.pt")
-    assert gen.out_tau == out["ema"].out_tau == pytest.approx(0.1) and "out_tau" not in guide.config
-    eps, y = torch.randn(2, gen.L, gen.D), torch.tensor([0, 2])
-    q = dd2.generate(out["ema"], tok, eps, y)
-    out["ema"].set_out_tau(0.0)
-    torch.testing.assert_close(q, dd2.soft_snap(dd2.generate(out["ema"], tok, eps, y), codebook, 0.1))
-    assert out["ema"].config == plain
-    gen.set_out_tau(0.1)
-    copy_ = dd2.ARDiffusion(**gen.config)
-    assert copy_.out_tau == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("family", ["llamagen", "var"])
@@ -226,24 +116,24 @@ def test_teacher_prefix_codes_gives_the_teacher_snapped_prefixes(family, tmp_pat
     their nearest codes (and "continuous": given the samples themselves); the guidance network still reads them as
     they are."""
     tok, gpt, phi, codebook = tiny_setup(family)
-    seen, real = [], dd2.teacher_logp
+    seen, real = [], ardiff.teacher_logp
 
     def spy(teacher, tok_, x, labels, sampling):
         seen.append(x.clone())
         return real(teacher, tok_, x, labels, sampling)
 
-    monkeypatch.setattr(dd2, "teacher_logp", spy)
+    monkeypatch.setattr(ardiff, "teacher_logp", spy)
     for prefix in ("codes", "continuous"):
         seen.clear()
-        gen, guide = (dd2.ARDiffusion.from_teacher(phi, head_width=16, head_depth=1) for _ in range(2))
-        cfg = dd2.DistillConfig(n_steps=2, batch_size=3, k_guide=1, teacher_prefix=prefix)
+        gen, guide = (ardiff.ARDiffusion.from_teacher(phi, head_width=16, head_depth=1) for _ in range(2))
+        cfg = distill_config(n_steps=2, batch_size=3, k_guide=1, teacher_prefix=prefix)
         dd2.distill(gen, guide, phi, tok, codebook, SAMPLING[family], 3, cfg, tmp_path / f"{prefix}.pt")
         x = torch.cat(seen).reshape(-1, 1, codebook.shape[1])
         off_code = (x - codebook).abs().amax(-1).min(1).values  # 0: x is a code exactly
         assert len(seen) == 2 and ((off_code == 0).all() if prefix == "codes" else (off_code > 1e-4).all())
     with pytest.raises(ValueError, match="teacher_prefix"):
         dd2.distill(gen, guide, phi, tok, codebook, SAMPLING[family], 3,
-                    dd2.DistillConfig(n_steps=1, batch_size=3, teacher_prefix="code"), tmp_path / "bad.pt")
+                    distill_config(n_steps=1, batch_size=3, teacher_prefix="code"), tmp_path / "bad.pt")
 
 
 @pytest.mark.parametrize("family", ["llamagen", "var"])
@@ -251,12 +141,12 @@ def test_distill_resumes_exactly_and_stops_on_nan(family, tmp_path, monkeypatch)
     """A run interrupted after its step-2 checkpoint (across the performance alignment) and started again ends with
     the same weights and history as an uninterrupted one; a NaN stops it with the step and the checkpoint."""
     tok, gpt, phi, codebook = tiny_setup(family)
-    init = dd2.ARDiffusion.from_teacher(phi, head_width=32, head_depth=1)
-    cfg = dd2.DistillConfig(n_steps=4, batch_size=4, k_guide=2, align_at=2, align_steps=2, k_after=1,
+    init = ardiff.ARDiffusion.from_teacher(phi, head_width=32, head_depth=1)
+    cfg = distill_config(n_steps=4, batch_size=4, k_guide=2, align_at=2, align_steps=2, k_after=1,
                             ckpt_every=2, log_every=1)
 
     def fresh():
-        gen, guide = dd2.ARDiffusion(**init.config), dd2.ARDiffusion(**init.config)
+        gen, guide = ardiff.ARDiffusion(**init.config), ardiff.ARDiffusion(**init.config)
         gen.load_state_dict(init.state_dict()), guide.load_state_dict(init.state_dict())
         return gen, guide
 
@@ -289,7 +179,7 @@ def test_distill_resumes_exactly_and_stops_on_nan(family, tmp_path, monkeypatch)
     for a, b in ((full[0], resumed[0]), (full[1], resumed[1])):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
-    gen, guide = dd2.ARDiffusion.from_teacher(phi, 32, 1), dd2.ARDiffusion.from_teacher(phi, 32, 1)
+    gen, guide = ardiff.ARDiffusion.from_teacher(phi, 32, 1), ardiff.ARDiffusion.from_teacher(phi, 32, 1)
     with torch.no_grad():
         gen.head.final_layer.linear.bias.fill_(float("nan"))
     with pytest.raises(train.TrainingDiverged, match=r"loss is nan at generator step 0; last good checkpoint"):
@@ -302,8 +192,8 @@ def test_alignment_before_the_first_update(tmp_path):
     tok, gpt, phi, codebook = tiny_setup("var")
     counts = {}
     for align_steps in (0, 3):
-        gen, guide = dd2.ARDiffusion.from_teacher(phi, 32, 1), dd2.ARDiffusion.from_teacher(phi, 32, 1)
-        cfg = dd2.DistillConfig(n_steps=2, batch_size=3, k_guide=2, align_at=0, align_steps=align_steps, k_after=1,
+        gen, guide = ardiff.ARDiffusion.from_teacher(phi, 32, 1), ardiff.ARDiffusion.from_teacher(phi, 32, 1)
+        cfg = distill_config(n_steps=2, batch_size=3, k_guide=2, align_at=0, align_steps=align_steps, k_after=1,
                                 log_every=1)
         out = dd2.distill(gen, guide, phi, tok, codebook, SAMPLING["var"], 3, cfg, tmp_path / f"a{align_steps}.pt")
         counts[align_steps] = ([h["guide_updates"] for h in out["history"]], out["aligned"])
@@ -313,7 +203,7 @@ def test_alignment_before_the_first_update(tmp_path):
 @pytest.mark.parametrize("family", ["llamagen", "var"])
 def test_multistep_sampling_keeps_the_generator_prefix(family):
     tok, gpt, phi, codebook = tiny_setup(family)
-    gen = dd2.ARDiffusion.from_teacher(phi, 32, 1).eval()
+    gen = ardiff.ARDiffusion.from_teacher(phi, 32, 1).eval()
     eps, labels = torch.randn(6, gen.L, gen.D), torch.randint(3, (6,))
     one_tok, one = dd2.sample_multistep(gen, gpt, tok, eps, labels, codebook, 1, SAMPLING[family])
     torch.testing.assert_close(one, dd2.generate(gen, tok, eps, labels))
@@ -366,14 +256,14 @@ def test_dd2_generator_beats_onestep_star_on_enumerable_teacher(tmp_path):
     N, M = 4000, 4000
     labels = torch.randint(K, (N,), generator=g)
     tokens = teacher.generate(labels, generator=g)
-    phi = dd2.ContinuousGPT.from_teacher(teacher, D, 64)
-    dd2.fit_input_mlp(phi, teacher.tok_embeddings.weight, codebook, 300, lr=1e-2)
+    phi = ardiff.ContinuousGPT.from_teacher(teacher, D, 64)
+    ardiff.fit_input_mlp(phi, teacher.tok_embeddings.weight, codebook, 300, lr=1e-2)
     phi.eval().requires_grad_(False)
     data = {"tokens": tokens, "labels": labels}
-    assert dd2.kl_to_teacher(teacher, codebook)(phi, data)[0] < 1e-3
+    assert ardiff.kl_to_teacher(teacher, codebook)(phi, data)[0] < 1e-3
 
-    ar = dd2.ARDiffusion.from_teacher(phi, 64, 2)
-    loss = dd2.gts_loss(phi, None, codebook, sampling, 4)
+    ar = ardiff.ARDiffusion.from_teacher(phi, 64, 2)
+    loss = ardiff.gts_loss(phi, None, codebook, sampling, 4)
     ar.backbone.requires_grad_(False)
     train.fit(ar, loss, data, train.FitConfig(n_steps=300, batch_size=256, lr=3e-3, ckpt_every=10 ** 9),
               tmp_path / "head.pt")
@@ -382,10 +272,10 @@ def test_dd2_generator_beats_onestep_star_on_enumerable_teacher(tmp_path):
               tmp_path / "full.pt")
     ar.eval()
     y = torch.randint(K, (M,), generator=g)
-    tv_ardiff = tv(snapped(dd2.ardiff_sample(ar, None, y, 10, g)), y)  # the multi-step AR-diffusion sampler
+    tv_ardiff = tv(snapped(ardiff.sample(ar, None, y, 10, g)), y)  # the multi-step AR-diffusion sampler
 
     gen, guide = copy.deepcopy(ar), copy.deepcopy(ar)
-    cfg = dd2.DistillConfig(n_steps=200, batch_size=256, lr_gen=1e-3, lr_guide=2e-3, warmup_steps=20, k_guide=3,
+    cfg = distill_config(n_steps=200, batch_size=256, lr_gen=1e-3, lr_guide=2e-3, warmup_steps=20, k_guide=3,
                             ckpt_every=10 ** 9)
     out = dd2.distill(gen, guide, phi, None, codebook, sampling, K, cfg, tmp_path / "distill.pt")
     eps = torch.randn(M, L, D, generator=g)
@@ -407,22 +297,31 @@ def test_distill_under_bf16_autocast_keeps_the_flow_math_in_fp32(family, tmp_pat
     """precision "bf16" (the GPU profile): the networks run under autocast, the teacher's closed-form posterior and
     the losses see fp32 inputs (no dtype clash), the weights stay fp32 and finite."""
     tok, gpt, phi, codebook = tiny_setup(family)
-    gen, guide = dd2.ARDiffusion.from_teacher(phi, 32, 1), dd2.ARDiffusion.from_teacher(phi, 32, 1)
-    cfg = dd2.DistillConfig(n_steps=2, batch_size=4, k_guide=1, log_every=1, precision="bf16")
+    gen, guide = ardiff.ARDiffusion.from_teacher(phi, 32, 1), ardiff.ARDiffusion.from_teacher(phi, 32, 1)
+    cfg = distill_config(n_steps=2, batch_size=4, k_guide=1, log_every=1, precision="bf16")
     out = dd2.distill(gen, guide, phi, tok, codebook, SAMPLING[family], 3, cfg, tmp_path / "bf16.pt")
     for p in [*gen.parameters(), *guide.parameters(), *out["ema"].parameters()]:
         assert p.dtype == torch.float32 and torch.isfinite(p).all()
     assert len(out["history"]) == 2 and all(math.isfinite(h["csd"]) and math.isfinite(h["fcs"]) for h in out["history"])
 
 
-def test_rebuild_phi_builds_then_reads_back_the_same_phi(tmp_path):
-    """The scripts' Φ: a missing adapt_state is trained and written, a finished one read back to the same weights."""
-    tok, gpt, _, codebook = tiny_setup("llamagen")
-    cfg = params.read_section("train_dd2", "llamagen", n_gts_samples=40, sample_batch=20, mlp_steps=20, adapt_steps=4,
-                              gts_batch=8)
-    state = tmp_path / "adapt_state.pt"
-    phi, report = dd2.rebuild_phi(tok, gpt, codebook, SAMPLING["llamagen"], 3, cfg, 0, state)
-    assert state.is_file() and report["history"][-1]["step"] == 4
-    again, _ = dd2.rebuild_phi(tok, gpt, codebook, SAMPLING["llamagen"], 3, cfg, 0, state)
-    for k, v in phi.state_dict().items():
-        assert torch.equal(v, again.state_dict()[k]), k
+def test_configs_are_built_from_their_params_section():
+    """DistillConfig and FitConfig take the fields of a params section that share their names, the rest from the
+    overrides; DistillConfig's train_dd2 knobs have no default (a missing one is an error), its engine constants do."""
+    @dataclasses.dataclass(frozen=True)
+    class Section:  # a params section: train_dd2's knobs and one DistillConfig does not read
+        n_steps: int = 7
+        batch_size: int = 4
+        n_euler: int = 10
+        lr_gen: float = 3e-4
+
+    cfg = dd2.DistillConfig.from_section(Section(), **{**DISTILL, "lr_gen": 1e-3})
+    assert (cfg.n_steps, cfg.batch_size, cfg.lr_gen, cfg.ckpt_every) == (7, 4, 1e-3, 50)
+    with pytest.raises(TypeError, match="csd_weight"):
+        dd2.DistillConfig.from_section(Section(), **{k: v for k, v in DISTILL.items() if k != "csd_weight"})
+    with pytest.raises(ValueError, match="csd_weight"):
+        distill_config(1, 2, csd_weight="image")
+    needed = {f.name for f in dataclasses.fields(dd2.DistillConfig) if f.default is dataclasses.MISSING}
+    assert needed - {"seed", "precision"} <= {f.name for f in dataclasses.fields(params.TrainDD2)}
+    fit = train.FitConfig.from_section(Section(), seed=3, lr=2e-3)
+    assert (fit.n_steps, fit.batch_size, fit.lr, fit.seed, fit.weight_decay) == (7, 4, 2e-3, 3, 0.0)

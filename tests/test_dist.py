@@ -156,19 +156,20 @@ def test_distill_on_two_processes_equals_one_process(tmp_path, monkeypatch):
     """DD2's generator / guidance loop under torchrun: every process draws the global batch's labels, noise and
     (t, eps) and keeps its rows, gradients are averaged, so 2 processes give one process's weights (tolerance
     1e-4 after 3 generator and 6 guidance updates: float32 summation order)."""
-    from dd import dd2, launch, params
+    from dd import ardiff, dd2, launch, params
+    from test_dd2 import distill_config
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     gpt = _tiny_gpt(1)
     torch.manual_seed(2)
     codebook = torch.randn(16, 4)
-    phi = dd2.ContinuousGPT.from_teacher(gpt, 4).eval()
-    init = dd2.ARDiffusion.from_teacher(phi, head_width=32, head_depth=1)
+    phi = ardiff.ContinuousGPT.from_teacher(gpt, 4).eval()
+    init = ardiff.ARDiffusion.from_teacher(phi, head_width=32, head_depth=1)
     sampling = params.read_section("sample_teacher", "llamagen", cfg_scale=2.0, top_k=5)
-    cfg = dd2.DistillConfig(n_steps=3, batch_size=4, k_guide=2, ckpt_every=2, log_every=1, seed=4)
+    cfg = distill_config(n_steps=3, batch_size=4, k_guide=2, ckpt_every=2, log_every=1, seed=4)
     runs = {}
     for n in (1, 2):
-        gen, guide = dd2.ARDiffusion(**init.config), dd2.ARDiffusion(**init.config)
+        gen, guide = ardiff.ARDiffusion(**init.config), ardiff.ARDiffusion(**init.config)
         gen.load_state_dict(init.state_dict()), guide.load_state_dict(init.state_dict())
         res = launch.call(n, dd2.distill, gen, guide, phi, None, codebook, sampling, 3, cfg,
                           ckpt_path=tmp_path / f"n{n}" / "distill.pt", device="cpu")
