@@ -288,7 +288,7 @@ def test_skip_n_runs_only_the_kept_steps():
     """One generator through the batches: each batch draws its kept steps only, so batch 2 starts where batch 1's
     kept steps left the generator (running the skipped steps would shift every later batch's draws)."""
     vae, v = tiny_var()
-    fam, cfg = teachers.family("var"), params.parse("sample_teacher", {"cfg": 1.5}, "var")
+    fam, cfg = teachers.family("var"), params.read_section("sample_teacher", "var", cfg=1.5)
     y, ref = torch.tensor([0, 1, 2, 1]), torch.zeros(5, 21, dtype=torch.long)
     out = baselines.skip_n(fam, vae, v, y, 1, cfg, ref, torch.Generator().manual_seed(3), batch_size=2)
     draw = var.Sampler(generator=torch.Generator().manual_seed(3))

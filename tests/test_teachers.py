@@ -92,7 +92,7 @@ def test_var_family_roundtrip(tiny_var):
 
 def test_sample_step_fn_sees_every_step_of_every_batch(tiny_var):
     fam, tok, teacher = tiny_var
-    cfg = params.parse("sample_teacher", {"top_k": 1}, "var")
+    cfg = params.read_section("sample_teacher", "var", top_k=1)
     y = torch.tensor([0, 1, 2])
     seen = []
 
