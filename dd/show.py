@@ -1,0 +1,156 @@
+"""Shaping what a report shows: rounded narrow tables, axis scales that fit the data, sample mosaics.
+
+Nothing here computes a figure of merit; it only chooses how the notebooks display the values they computed.
+Sample mosaics are drawn pixel for pixel (an integer number of screen pixels per image pixel, no resampling), so
+an executed report stays small and its images sharp, and `reports/samples.png` reads well at a README's width.
+
+    show.table(frame, ["steps", "fid_fmnist", "recall"])       # rounded, at most ~8 columns
+    ax.set_yscale(show.scale(hist["loss"]))                      # log only where the values span > 10x
+    show.mosaic({"teacher": x, "dd1 1-step": y}, labels, 10, 4)  # classes down, methods across
+
+References:
+    matplotlib (Figure.add_axes in figure fractions, imshow with interpolation="nearest").
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import data, io
+
+GAP = 8  # white pixels between panels of a mosaic
+DPI = 100
+
+
+def scale(*values) -> str:
+    """"log" where the positive values span more than a factor of 10, else "linear" (narrow ranges read better
+    on a linear axis, and its tick labels do not collide)."""
+    v = np.concatenate([np.asarray(x, dtype=float).ravel() for x in values])
+    v = v[np.isfinite(v)]
+    if len(v) == 0 or (v <= 0).any():
+        return "linear"
+    return "log" if v.max() / v.min() > 10 else "linear"
+
+
+def table(frame: pd.DataFrame, columns: list[str] | None = None, digits: int = 3) -> pd.DataFrame:
+    """`frame`'s `columns` (default: all), numbers rounded to `digits` decimals, for display."""
+    out = frame if columns is None else frame[[c for c in columns if c in frame.columns]]
+    return out.round(digits)
+
+
+def summary(values: dict, digits: int = 3) -> pd.DataFrame:
+    """A {name: value} mapping as a one-column table (floats rounded), for a stage's headline figures."""
+    shown = {k: (round(float(v), digits) if isinstance(v, (float, np.floating)) else v) for k, v in values.items()}
+    return pd.DataFrame({"value": pd.Series(shown, dtype=object)})
+
+
+def _tiles(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int) -> list[list[torch.Tensor]]:
+    """Per class, its first `per_class` images as uint8 RGB [3, H, W] (blank where a class has fewer)."""
+    x = data.to_channels(images if images.dtype == torch.uint8 else data.to_uint8(images), 3).cpu()
+    labels = labels.cpu()[: len(x)]
+    blank = torch.full_like(x[0], 255)
+    rows = []
+    for c in range(num_classes):
+        mine = list(x[labels == c][:per_class])
+        rows.append(mine + [blank] * (per_class - len(mine)))
+    return rows
+
+
+def _canvas(blocks: list[list[list[torch.Tensor]]], across: bool) -> tuple[np.ndarray, list[float]]:
+    """Blocks of tile rows joined with white gaps, side by side (across) or stacked → (uint8 [H, W, 3], the
+    centre of each block in pixels along the joining axis)."""
+    grids = [data.grid(torch.stack([t for row in rows for t in row]), nrow=len(rows[0])) for rows in blocks]
+    axis = 1 if across else 0
+    parts, centres, at = [], [], 0
+    for i, g in enumerate(grids):
+        if i:
+            shape = list(g.shape)
+            shape[axis] = GAP
+            parts.append(np.full(shape, 255, dtype=np.uint8))
+            at += GAP
+        parts.append(g)
+        centres.append(at + g.shape[axis] / 2)
+        at += g.shape[axis]
+    return np.concatenate(parts, axis=axis), centres
+
+
+def _figure(canvas: np.ndarray, zoom: int, left_in: float, top_in: float):
+    """A figure that shows `canvas` at `zoom` screen pixels per pixel, with margins for labels (inches)."""
+    import matplotlib.pyplot as plt
+
+    h, w = canvas.shape[0] * zoom / DPI, canvas.shape[1] * zoom / DPI
+    fig = plt.figure(figsize=(w + left_in + 0.1, h + top_in + 0.1), dpi=DPI)
+    W, H = fig.get_size_inches()
+    ax = fig.add_axes([left_in / W, 0.1 / H, w / W, h / H])
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_frame_on(False)
+    ax.tick_params(length=0)
+    return fig, ax
+
+
+def zoom_for(width_px: int, target: int = 960) -> int:
+    """The largest integer zoom (1 to 3) that keeps `width_px` within about `target` screen pixels."""
+    return int(max(1, min(3, target // max(width_px, 1))))
+
+
+def mosaic(images: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int, per_class: int,
+           classes: list[str] | None = None, title: str | None = None, zoom: int | None = None):
+    """Methods side by side, one row of `per_class` samples per class (the same labels in every panel).
+
+    images: {name: [N, C, H, W]} (uint8 or [-1, 1] float), labels [N] shared by all (a shorter set uses the
+    first labels). → the matplotlib Figure (shown by the notebook)."""
+    blocks = [_tiles(x, labels, num_classes, per_class) for x in images.values()]
+    canvas, centres = _canvas(blocks, across=True)
+    zoom = zoom or zoom_for(canvas.shape[1])
+    fig, ax = _figure(canvas, zoom, left_in=1.0 if classes else 0.1, top_in=0.5 if title else 0.3)
+    ax.xaxis.tick_top()
+    ax.set_xticks(centres, list(images) if len(images) > 1 else [""] * len(images), fontsize=9)
+    side = canvas.shape[0] / num_classes
+    if classes:
+        ax.set_yticks([side * (c + 0.5) for c in range(num_classes)], classes, fontsize=8)
+    else:
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10, y=1 - 0.05 / fig.get_size_inches()[1])
+    return fig
+
+
+def sheet(rows: dict[str, dict[str, torch.Tensor]], labels: dict[str, torch.Tensor], num_classes: int,
+          per_class: int, classes: list[str] | None = None, zoom: int = 2):
+    """The README's picture: per family a block of rows (its methods), each row `per_class` samples of every
+    class in class order, so a column holds one label throughout the block.
+
+    rows: {family: {method: images [N, C, H, W]}}; labels: {family: [N]}. → the matplotlib Figure."""
+    parts, names, centres, at = [], [], [], 0
+    for family, methods in rows.items():
+        for j, (method, x) in enumerate(methods.items()):
+            tiles = [t for row in _tiles(x, labels[family], num_classes, per_class) for t in row]
+            g = data.grid(torch.stack(tiles), nrow=len(tiles))
+            if parts and j == 0:  # a wider gap between families
+                parts.append(np.full((2 * GAP, g.shape[1], 3), 255, dtype=np.uint8))
+                at += 2 * GAP
+            parts.append(g)
+            names.append(f"{family} · {method}")
+            centres.append(at + g.shape[0] / 2)
+            at += g.shape[0]
+    canvas = np.concatenate(parts, axis=0)
+    fig, ax = _figure(canvas, zoom, left_in=1.9, top_in=0.35 if classes else 0.1)
+    ax.set_yticks(centres, names, fontsize=10)
+    width = canvas.shape[1] / num_classes
+    if classes:
+        ax.xaxis.tick_top()
+        ax.set_xticks([width * (c + 0.5) for c in range(num_classes)], classes, fontsize=8)
+    else:
+        ax.set_xticks([])
+    return fig
+
+
+def save(fig, dest: str | Path, dpi: int = DPI) -> Path:
+    """Write a figure as PNG, atomically (a reader never sees half a file)."""
+    dest = io.path(dest)
+    with io.atomic_path(dest) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return dest
