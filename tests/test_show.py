@@ -1,0 +1,45 @@
+"""dd.show: display choices only (scales, rounding, pixel-exact sample mosaics)."""
+import matplotlib
+import pandas as pd
+import torch
+
+from dd import show
+
+matplotlib.use("Agg")
+
+
+def test_log_scale_only_for_a_wide_positive_range():
+    assert show.scale([1.0, 50.0]) == "log"
+    assert show.scale([10.0, 12.0, 19.0]) == "linear"
+    assert show.scale([0.0, 100.0]) == "linear"  # zero has no place on a log axis
+    assert show.scale([float("nan"), 2.0, 30.0]) == "log"
+
+
+def test_table_keeps_the_named_columns_rounded():
+    t = show.table(pd.DataFrame({"a": [1.23456], "b": [2.0], "c": ["x"]}), ["a", "c", "missing"], digits=2)
+    assert list(t.columns) == ["a", "c"] and t.loc[0, "a"] == 1.23
+
+
+def test_summary_rounds_floats_and_keeps_the_rest():
+    s = show.summary({"psnr": 21.23456, "codes": 64, "dataset": "fashion-mnist"}, digits=1)
+    assert s["value"].tolist() == [21.2, 64, "fashion-mnist"]
+
+
+def test_mosaic_draws_pixel_for_pixel():
+    x = torch.rand(20, 1, 8, 8) * 2 - 1
+    y = torch.arange(20) % 4
+    fig = show.mosaic({"a": x, "b": x[:6]}, y, num_classes=4, per_class=3, classes=list("wxyz"), zoom=2)
+    (ax,) = fig.axes
+    w, h = ax.get_window_extent().width, ax.get_window_extent().height
+    canvas = ax.get_images()[0].get_array()
+    assert (w, h) == (2 * canvas.shape[1], 2 * canvas.shape[0])
+    assert canvas.shape[0] == 4 * 9 + 1  # one row per class, even where a panel has fewer samples
+
+
+def test_sheet_stacks_one_strip_per_method(tmp_path):
+    x = torch.rand(12, 1, 8, 8) * 2 - 1
+    y = torch.arange(12) % 3
+    fig = show.sheet({"A": {"t": x, "s": x}, "B": {"t": x}}, {"A": y, "B": y}, 3, 2, ["p", "q", "r"])
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["A · t", "A · s", "B · t"]
+    assert show.save(fig, tmp_path / "s.png").stat().st_size > 0
