@@ -23,6 +23,7 @@ from . import data, io
 
 GAP = 8  # white pixels between panels of a mosaic
 DPI = 100
+FAMILY_NAMES = {"llamagen": "LlamaGen", "var": "VAR"}  # as the papers write them
 
 
 def scale(*values) -> str:
@@ -37,13 +38,18 @@ def scale(*values) -> str:
 
 def table(frame: pd.DataFrame, columns: list[str] | None = None, digits: int = 3) -> pd.DataFrame:
     """`frame`'s `columns` (default: all), numbers rounded to `digits` decimals, for display."""
-    out = frame if columns is None else frame[[c for c in columns if c in frame.columns]]
+    out = (frame if columns is None else frame[[c for c in columns if c in frame.columns]]).copy()
+    for c in out.columns:  # counts stored as floats read as counts
+        v = out[c]
+        if v.dtype.kind == "f" and v.notna().all() and (v == v.round()).all() and (v.abs() < 2 ** 53).all():
+            out[c] = v.astype("int64")
     return out.round(digits)
 
 
-def summary(values: dict, digits: int = 3) -> pd.DataFrame:
-    """A {name: value} mapping as a one-column table (floats rounded), for a stage's headline figures."""
-    shown = {k: (round(float(v), digits) if isinstance(v, (float, np.floating)) else v) for k, v in values.items()}
+def summary(values: dict, digits: int = 4) -> pd.DataFrame:
+    """A {name: value} mapping as a one-column table, for a stage's headline figures; floats keep `digits`
+    significant digits (the rows mix seconds, shares and counts, so no one number of decimals fits)."""
+    shown = {k: (float(f"{float(v):.{digits}g}") if isinstance(v, (float, np.floating)) else v) for k, v in values.items()}
     return pd.DataFrame({"value": pd.Series(shown, dtype=object)})
 
 
@@ -100,9 +106,10 @@ def mosaic(images: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: i
            classes: list[str] | None = None, title: str | None = None, zoom: int | None = None):
     """Methods side by side, one row of `per_class` samples per class (the same labels in every panel).
 
-    images: {name: [N, C, H, W]} (uint8 or [-1, 1] float), labels [N] shared by all (a shorter set uses the
-    first labels). → the matplotlib Figure (shown by the notebook)."""
-    blocks = [_tiles(x, labels, num_classes, per_class) for x in images.values()]
+    images: {name: [N, C, H, W]} (uint8 or [-1, 1] float); labels: [N] shared by all (a shorter set uses the
+    first labels), or {name: [N]}. → the matplotlib Figure (shown by the notebook)."""
+    blocks = [_tiles(x, labels[k] if isinstance(labels, dict) else labels, num_classes, per_class)
+              for k, x in images.items()]
     canvas, centres = _canvas(blocks, across=True)
     zoom = zoom or zoom_for(canvas.shape[1])
     fig, ax = _figure(canvas, zoom, left_in=1.0 if classes else 0.1, top_in=0.5 if title else 0.3)
@@ -118,22 +125,22 @@ def mosaic(images: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: i
     return fig
 
 
-def sheet(rows: dict[str, dict[str, torch.Tensor]], labels: dict[str, torch.Tensor], num_classes: int,
-          per_class: int, classes: list[str] | None = None, zoom: int = 2):
-    """The README's picture: per family a block of rows (its methods), each row `per_class` samples of every
-    class in class order, so a column holds one label throughout the block.
+def sheet(grids: dict[str, dict[str, torch.Tensor]], labels: dict[str, torch.Tensor], methods: tuple[str, ...],
+          num_classes: int, per_class: int, classes: list[str] | None = None, zoom: int = 2):
+    """The README's picture: per family a block of rows (`methods`, those it has), each row `per_class` samples of
+    every class in class order, so a column holds one label throughout.
 
-    rows: {family: {method: images [N, C, H, W]}}; labels: {family: [N]}. → the matplotlib Figure."""
+    grids: {family: {method: images [N, C, H, W]}}; labels: {family: [N]}. → the matplotlib Figure."""
     parts, names, centres, at = [], [], [], 0
-    for family, methods in rows.items():
-        for j, (method, x) in enumerate(methods.items()):
-            tiles = [t for row in _tiles(x, labels[family], num_classes, per_class) for t in row]
+    for family, images in grids.items():
+        for j, method in enumerate(m for m in methods if m in images):
+            tiles = [t for row in _tiles(images[method], labels[family], num_classes, per_class) for t in row]
             g = data.grid(torch.stack(tiles), nrow=len(tiles))
             if parts and j == 0:  # a wider gap between families
                 parts.append(np.full((2 * GAP, g.shape[1], 3), 255, dtype=np.uint8))
                 at += 2 * GAP
             parts.append(g)
-            names.append(f"{family} · {method}")
+            names.append(f"{FAMILY_NAMES.get(family, family)} · {method.replace('dd', 'DD')}")
             centres.append(at + g.shape[0] / 2)
             at += g.shape[0]
     canvas = np.concatenate(parts, axis=0)

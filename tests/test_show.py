@@ -20,9 +20,9 @@ def test_table_keeps_the_named_columns_rounded():
     assert list(t.columns) == ["a", "c"] and t.loc[0, "a"] == 1.23
 
 
-def test_summary_rounds_floats_and_keeps_the_rest():
-    s = show.summary({"psnr": 21.23456, "codes": 64, "dataset": "fashion-mnist"}, digits=1)
-    assert s["value"].tolist() == [21.2, 64, "fashion-mnist"]
+def test_summary_keeps_significant_digits_and_the_rest():
+    s = show.summary({"psnr": 21.23456, "mse": 0.00123456, "codes": 64, "dataset": "fashion-mnist"}, digits=3)
+    assert s["value"].tolist() == [21.2, 0.00123, 64, "fashion-mnist"]
 
 
 def test_mosaic_draws_pixel_for_pixel():
@@ -39,7 +39,13 @@ def test_mosaic_draws_pixel_for_pixel():
 def test_sheet_stacks_one_strip_per_method(tmp_path):
     x = torch.rand(12, 1, 8, 8) * 2 - 1
     y = torch.arange(12) % 3
-    fig = show.sheet({"A": {"t": x, "s": x}, "B": {"t": x}}, {"A": y, "B": y}, 3, 2, ["p", "q", "r"])
+    fig = show.sheet({"llamagen": {"teacher": x, "dd1 1-step": x}, "var": {"teacher": x, "other": x}},
+                     {"llamagen": y, "var": y}, ("teacher", "dd1 1-step"), 3, 2, ["p", "q", "r"])
     (ax,) = fig.axes
-    assert [t.get_text() for t in ax.get_yticklabels()] == ["A · t", "A · s", "B · t"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["LlamaGen · teacher", "LlamaGen · DD1 1-step", "VAR · teacher"]
     assert show.save(fig, tmp_path / "s.png").stat().st_size > 0
+
+
+def test_table_shows_whole_floats_as_counts():
+    t = show.table(pd.DataFrame({"n": [20.0, 10.0], "fid": [1.23456, 2.0]}))
+    assert t["n"].dtype == "int64" and t["fid"].tolist() == [1.235, 2.0]
