@@ -193,15 +193,15 @@ def main(argv=None) -> int:
     ap.add_argument("--from", dest="first", default=None, metavar="STAGE[@FAMILY]",
                     help="with --all: start at this stage, skipping those before it")
     ap.add_argument("--profile", action="append", default=[], metavar="YAML",
-                    help="with --all: a partial params file laid over params.yaml (e.g. profiles/gpu.yaml)")
+                    help="a partial params file laid over params.yaml (e.g. profiles/gpu.yaml); repeatable")
     args = ap.parse_args(argv)
-    if args.all == (args.stage is not None) or (not args.all and (args.first or args.profile)):
-        ap.error("give one stage, or --all [--from STAGE[@FAMILY]] [--profile YAML]")
+    if args.all == (args.stage is not None) or (args.first and not args.all):
+        ap.error("give one stage, or --all [--from STAGE[@FAMILY]]")
     from . import io
 
     root = io.root()
     try:
-        config(root, args.profile)  # fail fast, before papermill or torch start
+        cfg = config(root, args.profile)  # fail fast, before papermill or torch start
         if args.all:
             starting_at(pipeline(root), args.first)
     except (P.ParamsError, FileNotFoundError, ValueError) as e:
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     if args.all:
         return run_all(root, args.first, args.profile)
     try:
-        run(args.stage, args.family)
+        run(args.stage, args.family, root, cfg)
     except Exception as e:  # papermill's error already printed the cell; end with one clear line
         print(_failure(args.stage, e), file=sys.stderr)
         return 1
