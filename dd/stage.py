@@ -125,7 +125,11 @@ def run(stage: str, family: str | None = None, root: Path | None = None, cfg: di
         with io.atomic_path(out) as tmp:
             papermill.execute_notebook(str(src), str(tmp), parameters=stage_parameters(cfg, declared_sections(root, stage, family), family),
                                        cwd=str(root), kernel_name="python3", progress_bar=False,
-                                       log_output=True, report_mode=False, language="python")
+                                       log_output=True, report_mode=False, language="python",
+                                       # ipykernel copies whatever reaches the kernel's file descriptors 1 and 2
+                                       # into the notebook; without this the bars io.progress sends to the
+                                       # terminal (and launch.call's relayed ones) land in the report as well
+                                       extra_arguments=["--IPKernelApp.capture_fd_output=False"])
             report = shape_report(nbformat.read(tmp, as_version=4))
             nbformat.write(report, tmp)
     finally:
