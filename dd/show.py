@@ -98,8 +98,8 @@ def _figure(canvas: np.ndarray, zoom: int, left_in: float, top_in: float):
 
 
 def zoom_for(width_px: int, target: int = 960) -> int:
-    """The largest integer zoom (1 to 3) that keeps `width_px` within about `target` screen pixels."""
-    return int(max(1, min(3, target // max(width_px, 1))))
+    """The larger integer zoom (1 or 2) that keeps `width_px` within about `target` screen pixels."""
+    return int(max(1, min(2, target // max(width_px, 1))))
 
 
 def mosaic(images: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int, per_class: int,
