@@ -1,18 +1,20 @@
 """Shaping what a report shows: rounded narrow tables, axis scales that fit the data, sample mosaics.
 
 Nothing here computes a figure of merit; it only chooses how the notebooks display the values they computed.
-Sample mosaics are drawn pixel for pixel (an integer number of screen pixels per image pixel, no resampling), so
-an executed report stays small and its images sharp, and `reports/samples.png` reads well at a README's width.
+Sample mosaics are drawn pixel for pixel (an integer number of screen pixels per image pixel, no resampling) and
+stored as 256-colour PNGs (grey images need no more), so an executed report stays small and its images sharp, and
+`reports/samples.png` reads well at a README's width.
 
     show.table(frame, ["steps", "fid_fmnist", "recall"])       # rounded, at most ~8 columns
     ax.set_yscale(show.scale(hist["loss"]))                      # log only where the values span > 10x
-    show.mosaic({"teacher": x, "dd1 1-step": y}, labels, 10, 4)  # classes down, methods across
+    show.mosaic({"teacher": x, "dd1 1-step": y}, labels, 10, 4)  # classes down, methods across (an image)
 
 References:
     matplotlib (Figure.add_axes in figure fractions, imshow with interpolation="nearest").
 """
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +109,13 @@ def mosaic(images: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: i
     """Methods side by side, one row of `per_class` samples per class (the same labels in every panel).
 
     images: {name: [N, C, H, W]} (uint8 or [-1, 1] float); labels: [N] shared by all (a shorter set uses the
-    first labels), or {name: [N]}. → the matplotlib Figure (shown by the notebook)."""
+    first labels), or {name: [N]}. → an IPython image (a notebook shows it)."""
+    return compact(mosaic_figure(images, labels, num_classes, per_class, classes, title, zoom))
+
+
+def mosaic_figure(images: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int, per_class: int,
+                  classes: list[str] | None = None, title: str | None = None, zoom: int | None = None):
+    """`mosaic` as a matplotlib Figure."""
     blocks = [_tiles(x, labels[k] if isinstance(labels, dict) else labels, num_classes, per_class)
               for k, x in images.items()]
     canvas, centres = _canvas(blocks, across=True)
@@ -155,9 +163,31 @@ def sheet(grids: dict[str, dict[str, torch.Tensor]], labels: dict[str, torch.Ten
     return fig
 
 
+def png(fig, dpi: int = DPI, colors: int = 256) -> bytes:
+    """A figure as a palette PNG of at most `colors` colours (no dithering: flat areas stay flat)."""
+    from PIL import Image
+
+    raw = BytesIO()
+    fig.savefig(raw, dpi=dpi, format="png")
+    out = BytesIO()
+    Image.open(raw).convert("RGB").quantize(colors, dither=Image.Dither.NONE).save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def compact(fig):
+    """A figure for display as a palette PNG (a third of the bytes of matplotlib's RGBA one); closes the figure
+    so the notebook does not show it a second time."""
+    import matplotlib.pyplot as plt
+    from IPython.display import Image
+
+    data = png(fig)
+    plt.close(fig)
+    return Image(data=data, format="png")
+
+
 def save(fig, dest: str | Path, dpi: int = DPI) -> Path:
-    """Write a figure as PNG, atomically (a reader never sees half a file)."""
+    """Write a figure as a palette PNG, atomically (a reader never sees half a file)."""
     dest = io.path(dest)
     with io.atomic_path(dest) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
+        tmp.write_bytes(png(fig, dpi))
     return dest

@@ -28,7 +28,7 @@ def test_summary_keeps_significant_digits_and_the_rest():
 def test_mosaic_draws_pixel_for_pixel():
     x = torch.rand(20, 1, 8, 8) * 2 - 1
     y = torch.arange(20) % 4
-    fig = show.mosaic({"a": x, "b": x[:6]}, y, num_classes=4, per_class=3, classes=list("wxyz"), zoom=2)
+    fig = show.mosaic_figure({"a": x, "b": x[:6]}, y, num_classes=4, per_class=3, classes=list("wxyz"), zoom=2)
     (ax,) = fig.axes
     w, h = ax.get_window_extent().width, ax.get_window_extent().height
     canvas = ax.get_images()[0].get_array()
@@ -49,3 +49,12 @@ def test_sheet_stacks_one_strip_per_method(tmp_path):
 def test_table_shows_whole_floats_as_counts():
     t = show.table(pd.DataFrame({"n": [20.0, 10.0], "fid": [1.23456, 2.0]}))
     assert t["n"].dtype == "int64" and t["fid"].tolist() == [1.235, 2.0]
+
+
+def test_mosaic_is_a_small_png_and_leaves_no_figure_open():
+    import matplotlib.pyplot as plt
+
+    x = torch.rand(20, 1, 8, 8) * 2 - 1
+    before = len(plt.get_fignums())
+    image = show.mosaic({"a": x}, torch.arange(20) % 4, 4, 3)
+    assert image.data[:8] == b"\x89PNG\r\n\x1a\n" and len(plt.get_fignums()) == before
