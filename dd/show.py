@@ -6,7 +6,7 @@ stored as 256-colour PNGs (grey images need no more), so an executed report stay
 `reports/samples.png` reads well at a README's width.
 
     show.table(frame, ["steps", "fid_fmnist", "recall"])       # rounded, at most ~8 columns
-    ax.set_yscale(show.scale(hist["loss"]))                      # log only where the values span > 10x
+    ax.set(yscale=show.scale(hist["loss"]))                      # log only where the values span > 10x
     show.mosaic({"teacher": x, "dd1 1-step": y}, labels, 10, 4)  # classes down, methods across (an image)
 
 References:
@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.scale import LogScale
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from . import data, io
 
@@ -28,14 +30,34 @@ DPI = 100
 FAMILY_NAMES = {"llamagen": "LlamaGen", "var": "VAR"}  # as the papers write them
 
 
-def scale(*values) -> str:
-    """"log" where the positive values span more than a factor of 10, else "linear" (narrow ranges read better
-    on a linear axis, and its tick labels do not collide)."""
+def scale(*values, base: int = 10):
+    """The axis scale for these values, for `ax.set(yscale=...)` / `ax.set_xscale(...)`: "linear", unless the
+    positive values span more than a factor of 10 (narrow ranges read better on a linear axis), then a log scale
+    whose ticks are plain numbers that do not collide (1, 2, 5 per decade over at most two decades)."""
     v = np.concatenate([np.asarray(x, dtype=float).ravel() for x in values])
     v = v[np.isfinite(v)]
-    if len(v) == 0 or (v <= 0).any():
+    if len(v) == 0 or (v <= 0).any() or v.max() / v.min() <= 10:
         return "linear"
-    return "log" if v.max() / v.min() > 10 else "linear"
+    return PlainLogScale(base, subs=(1.0, 2.0, 5.0) if base == 10 and v.max() / v.min() <= 100 else (1.0,))
+
+
+def _plain(v, _pos) -> str:
+    return f"{v:g}"
+
+
+class PlainLogScale(LogScale):
+    """matplotlib's log scale with plain-number major ticks at `subs` of each power of `base`, minor ticks
+    unlabelled (the default labels minor ticks on short ranges, and they collide)."""
+
+    def __init__(self, base: int = 10, subs=(1.0,)):
+        super().__init__(None, base=base)
+        self.tick_subs = subs
+
+    def set_default_locators_and_formatters(self, axis):
+        super().set_default_locators_and_formatters(axis)
+        axis.set_major_locator(LogLocator(self.base, subs=self.tick_subs))
+        axis.set_major_formatter(FuncFormatter(_plain))
+        axis.set_minor_formatter(NullFormatter())
 
 
 def table(frame: pd.DataFrame, columns: list[str] | None = None, digits: int = 3) -> pd.DataFrame:

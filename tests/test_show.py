@@ -9,10 +9,23 @@ matplotlib.use("Agg")
 
 
 def test_log_scale_only_for_a_wide_positive_range():
-    assert show.scale([1.0, 50.0]) == "log"
+    assert isinstance(show.scale([1.0, 50.0]), show.PlainLogScale)
     assert show.scale([10.0, 12.0, 19.0]) == "linear"
     assert show.scale([0.0, 100.0]) == "linear"  # zero has no place on a log axis
-    assert show.scale([float("nan"), 2.0, 30.0]) == "log"
+    assert isinstance(show.scale([float("nan"), 2.0, 30.0]), show.PlainLogScale)
+
+
+def test_log_ticks_are_plain_numbers_without_minor_labels():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([20, 430], [1, 2])
+    ax.set(xscale=show.scale([20, 430]))
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert "50" in labels and "100" in labels and not any("times" in t or "^" in t for t in labels)
+    assert not [t.get_text() for t in ax.xaxis.get_minorticklabels() if t.get_text()]
+    plt.close(fig)
 
 
 def test_table_keeps_the_named_columns_rounded():
