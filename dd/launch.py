@@ -23,6 +23,7 @@ import argparse
 import os
 import subprocess
 import sys
+from io import TextIOWrapper
 from pathlib import Path
 
 import torch
@@ -51,10 +52,15 @@ def call(nproc: int, fn, *args, job_dir: str | Path | None = None, **kwargs):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "dd.launch", str(job), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, _cores() // nproc)))}
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         to_terminal = os.environ.get(io.PROGRESS_ENV) == "terminal" and sys.__stderr__ is not None
-        for line in proc.stdout:  # the workers' output where the caller's goes; progress bars ("\r") as io.progress
-            print(line, end="", flush=True, file=sys.__stderr__ if to_terminal and "\r" in line else sys.stdout)
+        # the workers' output where the caller's goes, progress bars as io.progress sends them. newline="" splits
+        # at "\r" and keeps it (text=True would turn every "\r" into "\n" and the bars into plain lines)
+        after_redraw = False
+        for line in TextIOWrapper(proc.stdout, errors="replace", newline=""):
+            is_bar = line.endswith("\r") or after_redraw  # a bar's redraw, or the line that closes the bar
+            print(line, end="", flush=True, file=sys.__stderr__ if to_terminal and is_bar else sys.stdout)
+            after_redraw = line.endswith("\r")
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(f"launch.call: {getattr(fn, '__name__', fn)} on {nproc} processes failed (exit "
                            f"{proc.returncode}; the workers' messages are above); the call is kept in {job}, "

@@ -1,15 +1,23 @@
-"""Running one pipeline stage: validate params.yaml, execute the stage's notebook with papermill, export HTML.
+"""Running pipeline stages: validate params.yaml, execute a stage's notebook with papermill, shape the report.
 
     python -m dd.stage prepare
     python -m dd.stage train_teacher --family llamagen
+    python -m dd.stage --all [--from train_dd1@var] [--profile profiles/gpu.yaml]
 
 The whole params file is validated first (no kernel, no torch), so a bad value stops `dvc repro` in well under
 a second with one line naming the key. The stage's notebook `notebooks/NN_<stage>.ipynb` then runs with its
-section and `base` injected as papermill parameters (Python values, so YAML booleans stay booleans), from the
-repository root; the executed notebook and its HTML land in `reports/` as the stage's report.
+the params keys its dvc.yaml entry names injected as papermill parameters (Python values, so YAML booleans stay booleans), from the
+repository root. The executed notebook is reshaped into the stage's report (`reports/`, .ipynb and .html): the
+cells tagged `result` (computed last, from this run's values) move up under the title, and the source
+`parameters` cell goes, so the values appear once, in papermill's injected cell.
+
+`--all` is for a machine without DVC: every stage, and every family instance of a per-family stage, in
+`dvc.yaml`'s order, stopping at the first failure. Re-running resumes: training stages continue from the
+checkpoints in their data folders, and `--from STAGE[@FAMILY]` skips the stages that finished before.
 
 References:
-    nteract/papermill (execute_notebook), jupyter/nbconvert (HTMLExporter).
+    nteract/papermill (execute_notebook), jupyter/nbconvert (HTMLExporter), DVC's `stage@item` names of
+    foreach stages.
 """
 from __future__ import annotations
 
@@ -68,7 +76,41 @@ def stage_parameters(cfg: dict, sections: list[str], family: str | None = None) 
     return out
 
 
-def run(stage: str, family: str | None = None, root: Path | None = None) -> Path:
+def shape_report(nb):
+    """The executed notebook as a report: `result` cells under the title, the source `parameters` cell dropped.
+
+    The result cells run last (they read this run's values) but are what a reader wants first; papermill's
+    `injected-parameters` cell, which holds this run's values, stays where it was. The title is the first cell
+    when it is markdown. Returns a new notebook; `nb` is left as it was."""
+    import copy
+
+    def tagged(cell, tag):
+        return tag in cell.get("metadata", {}).get("tags", [])
+
+    nb = copy.deepcopy(nb)
+    cells = [c for c in nb.cells if not tagged(c, "parameters")]
+    result = [c for c in cells if tagged(c, "result")]
+    rest = [c for c in cells if not tagged(c, "result")]
+    head = 1 if rest and rest[0].cell_type == "markdown" else 0
+    nb.cells = rest[:head] + result + rest[head:]
+    return nb
+
+
+def config(root: Path, profiles=()) -> dict:
+    """params.yaml with each profile (a partial params file, e.g. profiles/gpu.yaml) laid over it, validated."""
+    from . import profile
+
+    if not profiles:
+        return P.load(root / "params.yaml")
+    raw = P.read_yaml(root / "params.yaml")
+    for f in profiles:
+        raw = profile.merged(raw, P.read_yaml(f))
+    return P.validate(raw)
+
+
+def run(stage: str, family: str | None = None, root: Path | None = None, cfg: dict | None = None) -> Path:
+    """Execute one stage's notebook; write its report reports/NN_<stage>[_<family>].{ipynb,html}. cfg: the
+    validated params (default: params.yaml)."""
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
@@ -76,7 +118,7 @@ def run(stage: str, family: str | None = None, root: Path | None = None) -> Path
     from . import io
 
     root = Path(root or io.root())
-    cfg = P.load(root / "params.yaml")
+    cfg = cfg if cfg is not None else P.load(root / "params.yaml")
     src = notebook_for(root, stage)
     name = src.stem + (f"_{family}" if family else "")
     out = root / "reports" / f"{name}.ipynb"
@@ -90,33 +132,96 @@ def run(stage: str, family: str | None = None, root: Path | None = None) -> Path
         with io.atomic_path(out) as tmp:
             papermill.execute_notebook(str(src), str(tmp), parameters=stage_parameters(cfg, declared_sections(root, stage, family), family),
                                        cwd=str(root), kernel_name="python3", progress_bar=False,
-                                       log_output=True, report_mode=False, language="python")
+                                       log_output=True, report_mode=False, language="python",
+                                       # ipykernel copies whatever reaches the kernel's file descriptors 1 and 2
+                                       # into the notebook; without this the bars io.progress sends to the
+                                       # terminal (and launch.call's relayed ones) land in the report as well
+                                       extra_arguments=["--IPKernelApp.capture_fd_output=False"])
+            report = shape_report(nbformat.read(tmp, as_version=4))
+            nbformat.write(report, tmp)
     finally:
         if env_root is None:
             os.environ.pop("DD_ROOT", None)
         else:
             os.environ["DD_ROOT"] = env_root
-    html, _ = HTMLExporter().from_notebook_node(nbformat.read(out, as_version=4))
+    html, _ = HTMLExporter().from_notebook_node(report)
     with io.atomic_path(out.with_suffix(".html")) as tmp:
         tmp.write_text(html)
     return out
 
 
+def pipeline(root: Path) -> list[tuple[str, str | None]]:
+    """Every stage instance of dvc.yaml in its order: [(stage, family or None)], a foreach stage once per item."""
+    import yaml
+
+    stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
+    return [(name, item) for name, spec in stages.items() for item in (spec["foreach"] if "foreach" in spec else [None])]
+
+
+def label(stage: str, family: str | None) -> str:
+    """DVC's name of a stage instance: `prepare`, `train_dd1@var`."""
+    return stage if family is None else f"{stage}@{family}"
+
+
+def starting_at(order: list[tuple[str, str | None]], first: str | None) -> list[tuple[str, str | None]]:
+    """`order` from the instance named `first` on (`train_dd1@var`; a bare `train_dd1` starts at its first family)."""
+    if first is None:
+        return order
+    for i, (stage, family) in enumerate(order):
+        if first in (label(stage, family), stage):
+            return order[i:]
+    raise ValueError(f"--from {first}: no such stage in dvc.yaml; stages: {', '.join(label(*s) for s in order)}")
+
+
+def _failure(what: str, e: Exception) -> str:
+    msg = str(e).strip()
+    return f"error: stage {what} failed: {type(e).__name__}: {msg.splitlines()[-1][:500] if msg else ''}"
+
+
+def run_all(root: Path, first: str | None = None, profiles=(), runner=None) -> int:
+    """Every stage instance in dvc.yaml's order from `first` on; stop at the first failure with one line that
+    says how to resume. runner(stage, family, root, cfg) executes one (default `run`). → exit status."""
+    runner = runner or (lambda stage, family, root, cfg: run(stage, family, root, cfg))
+    cfg = config(root, profiles)
+    todo = starting_at(pipeline(root), first)
+    for n, (stage, family) in enumerate(todo, 1):
+        print(f"[{n}/{len(todo)}] {label(stage, family)}", file=sys.stderr, flush=True)
+        try:
+            runner(stage, family, root, cfg)
+        except Exception as e:  # papermill's error already printed the cell; end with one clear line
+            again = " ".join(["python -m dd.stage --all --from", label(stage, family),
+                              *(f"--profile {f}" for f in profiles)])
+            print(f"{_failure(label(stage, family), e)}; resume with: {again}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dd.stage", description=__doc__.splitlines()[0])
-    ap.add_argument("stage")
+    ap.add_argument("stage", nargs="?", help="the dvc.yaml stage to run (or --all)")
     ap.add_argument("--family", default=None, help="teacher family of a per-family stage (llamagen | var)")
+    ap.add_argument("--all", action="store_true", help="every stage in dvc.yaml's order (no DVC needed)")
+    ap.add_argument("--from", dest="first", default=None, metavar="STAGE[@FAMILY]",
+                    help="with --all: start at this stage, skipping those before it")
+    ap.add_argument("--profile", action="append", default=[], metavar="YAML",
+                    help="a partial params file laid over params.yaml (e.g. profiles/gpu.yaml); repeatable")
     args = ap.parse_args(argv)
+    if args.all == (args.stage is not None) or (args.first and not args.all):
+        ap.error("give one stage, or --all [--from STAGE[@FAMILY]]")
     try:
-        P.load(P.repository_params())  # fail fast, before papermill or torch start (dd.io imports torch)
-    except (P.ParamsError, FileNotFoundError) as e:
+        root = P.repository_params().parent  # (not dd.io.root: dd.io imports torch, validation must not wait)
+        cfg = config(root, args.profile)  # fail fast, before papermill or torch start
+        if args.all:
+            starting_at(pipeline(root), args.first)
+    except (P.ParamsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.all:
+        return run_all(root, args.first, args.profile)
     try:
-        run(args.stage, args.family)
+        run(args.stage, args.family, root, cfg)
     except Exception as e:  # papermill's error already printed the cell; end with one clear line
-        print(f"error: stage {args.stage} failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:500] if str(e).strip() else ''}",
-              file=sys.stderr)
+        print(_failure(args.stage, e), file=sys.stderr)
         return 1
     return 0
 
