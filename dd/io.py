@@ -38,6 +38,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from . import preflight
+
 FORMAT_VERSION = 1
 # Set by `dd.stage` for the kernels it runs: progress bars go to the terminal, never into the executed report.
 PROGRESS_ENV = "DD_PROGRESS"
@@ -195,9 +197,6 @@ def load_checkpoint(src: str | Path, map_location="cpu") -> dict:
         raise ValueError(f"{src}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
-_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
-
-
 def read_state_dict(path: str | Path, which: str = "model",
                     trusted: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a model checkpoint -> (state dict name -> tensor, config stored in the file or {}).
@@ -224,32 +223,17 @@ def read_state_dict(path: str | Path, which: str = "model",
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        try:  # why torch could not read it: a file that ends early says so (dd.preflight inspects without torch)
+            preflight.checkpoint_contents(path)
+        except preflight.CheckpointError as why:
+            raise ValueError(f"{path}: cannot read checkpoint: {why}") from e
         if "Weights only load failed" in str(e):
             raise ValueError(f"{path}: the file holds Python objects besides tensors; pass trusted=True only "
                              f"if you trust its source") from None
-        raise ValueError(f"{path}: cannot read checkpoint (truncated or corrupt file?): {type(e).__name__}: "
+        raise ValueError(f"{path}: cannot read checkpoint (corrupt file?): {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
-    if all(isinstance(v, torch.Tensor) for v in obj.values()):
-        if which != "model":
-            raise ValueError(f"{path}: a raw state dict has no {which!r} entry; use which='model'")
-    else:  # a wrapper around state dicts
-        if isinstance(obj.get("config"), dict):
-            config = obj["config"]
-        keys = [which] if which != "model" else ["model", "module", "state_dict"]  # LlamaGen sampler order
-        found = next((k for k in keys if isinstance(obj.get(k), dict)), None)
-        if found is None:
-            raise ValueError(f"{path}: no {which!r} state dict in checkpoint (top-level keys: {sorted(obj)})")
-        obj = obj[found]
-    sd = {}
-    for k, v in obj.items():
-        while k.startswith(_PREFIXES):
-            k = k.split(".", 1)[1]
-        if k == "freqs_cis" or ".kv_cache." in k or not isinstance(v, torch.Tensor):
-            continue  # sampling-time state that upstream sometimes saved
-        sd[k] = v
-    return sd, config
+    sd, stored = preflight.state_dict_of(obj, which, path, lambda v: isinstance(v, torch.Tensor))
+    return sd, {**config, **stored}
 
 
 def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> nn.Module:

@@ -4,8 +4,9 @@
     python -m dd.stage train_teacher --family llamagen
     python -m dd.stage --all [--from train_dd1@var] [--profile profiles/gpu.yaml]
 
-The whole params file is validated first (no kernel, no torch), so a bad value stops `dvc repro` in well under
-a second with one line naming the key. The stage's notebook `notebooks/NN_<stage>.ipynb` then runs with its
+The whole params file is validated first (no kernel, no torch), and the files it names are checked
+(`dd.preflight`), so a bad value or a missing, truncated or wrong checkpoint stops `dvc repro` in about a second
+with one line naming the key. The stage's notebook `notebooks/NN_<stage>.ipynb` then runs with its
 the params keys its dvc.yaml entry names injected as papermill parameters (Python values, so YAML booleans stay booleans), from the
 repository root. The executed notebook is reshaped into the stage's report (`reports/`, .ipynb and .html): the
 cells tagged `result` (computed last, from this run's values) move up under the title, and the source
@@ -97,15 +98,16 @@ def shape_report(nb):
 
 
 def config(root: Path, profiles=()) -> dict:
-    """params.yaml with each profile (a partial params file, e.g. profiles/gpu.yaml) laid over it, validated."""
-    from . import profile
+    """params.yaml with each profile (a partial params file, e.g. profiles/gpu.yaml) laid over it, validated, and
+    the files and sizes it names checked (`dd.preflight`)."""
+    from . import preflight, profile
 
-    if not profiles:
-        return P.load(root / "params.yaml")
     raw = P.read_yaml(root / "params.yaml")
     for f in profiles:
         raw = profile.merged(raw, P.read_yaml(f))
-    return P.validate(raw)
+    cfg = P.validate(raw)
+    preflight.check(cfg, root)
+    return cfg
 
 
 def run(stage: str, family: str | None = None, root: Path | None = None, cfg: dict | None = None) -> Path:
