@@ -13,12 +13,27 @@ References:
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import sys
 import time
 from typing import Callable
 
 import torch
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """What a figure was measured on: the GPU's name, or the CPU's model with the cores and threads torch used."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__})"
 
 
 def _sync(device: torch.device) -> None:
