@@ -63,6 +63,13 @@ class _Inert:
         pass
 
 
+class _Dict(dict):
+    """collections.OrderedDict as pickled by torch (a module's state_dict carries `_metadata` as its state)."""
+
+    def __setstate__(self, state):
+        pass
+
+
 def _rebuild_tensor(storage, offset, size, *rest):
     return TensorInfo(int(s) for s in size)
 
@@ -84,7 +91,7 @@ class _ShapeUnpickler(pickle.Unpickler):
         if module == "torch._tensor" and name == "_rebuild_from_type_v2":
             return _rebuild_from_type
         if module == "collections" and name == "OrderedDict":
-            return dict
+            return _Dict
         if module == "torch" and name.endswith("Storage"):
             return name
         return type(name, (_Inert,), {})  # a fresh inert class per global: Namespace, optimiser state, Path...

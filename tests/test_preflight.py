@@ -51,6 +51,10 @@ def test_shapes_equal_what_torch_loads(tmp_path):
     assert preflight.checkpoint_shapes(tmp_path / "raw.pth") == want
     save_file({k: v.detach().contiguous() for k, v in sd.items()}, tmp_path / "s.safetensors")
     assert preflight.checkpoint_shapes(tmp_path / "s.safetensors") == want
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))  # an OrderedDict with _metadata
+    torch.save({"model": module.state_dict()}, tmp_path / "module.pt")
+    assert preflight.checkpoint_shapes(tmp_path / "module.pt") == {k: tuple(v.shape) for k, v in
+                                                                  module.state_dict().items()}
     torch.save({"ema": sd}, tmp_path / "ema.pt")
     assert preflight.checkpoint_shapes(tmp_path / "ema.pt", which="ema") == want
     torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
