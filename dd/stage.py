@@ -2,19 +2,20 @@
 
     python -m dd.stage prepare
     python -m dd.stage train_teacher --family llamagen
-    python -m dd.stage --all [--from train_dd1@var] [--profile profiles/gpu.yaml]
+    python -m dd.stage --all [--from train_dd1@var] [--profile profiles/gpu.yaml] [--record times.json]
 
 The whole params file is validated first (no kernel, no torch), and the files it names are checked
 (`dd.preflight`), so a bad value or a missing, truncated or wrong checkpoint stops `dvc repro` in about a second
-with one line naming the key. The stage's notebook `notebooks/NN_<stage>.ipynb` then runs with its
-the params keys its dvc.yaml entry names injected as papermill parameters (Python values, so YAML booleans stay booleans), from the
-repository root. The executed notebook is reshaped into the stage's report (`reports/`, .ipynb and .html): the
+with one line naming the key. The stage's notebook `notebooks/NN_<stage>.ipynb` then runs from the repository
+root with the params keys its dvc.yaml entry names injected as papermill parameters (Python values, so YAML
+booleans stay booleans). The executed notebook is reshaped into the stage's report (`reports/`, .ipynb and .html): the
 cells tagged `result` (computed last, from this run's values) move up under the title, and the source
 `parameters` cell goes, so the values appear once, in papermill's injected cell.
 
 `--all` is for a machine without DVC: every stage, and every family instance of a per-family stage, in
-`dvc.yaml`'s order, stopping at the first failure. Re-running resumes: training stages continue from the
-checkpoints in their data folders, and `--from STAGE[@FAMILY]` skips the stages that finished before.
+`dvc.yaml`'s order, each in a process of its own, stopping at the first failure (`--record`: each stage's wall
+time and peak memory to a JSON file). Re-running resumes: training stages continue from the checkpoints in their
+data folders, and `--from STAGE[@FAMILY]` skips the stages that finished before.
 
 References:
     nteract/papermill (execute_notebook), jupyter/nbconvert (HTMLExporter), DVC's `stage@item` names of
@@ -180,22 +181,58 @@ def _failure(what: str, e: Exception) -> str:
     return f"error: stage {what} failed: {type(e).__name__}: {msg.splitlines()[-1][:500] if msg else ''}"
 
 
-def run_all(root: Path, first: str | None = None, profiles=(), runner=None) -> int:
+class StageFailed(RuntimeError):
+    """A stage run by `run_child` failed; it has printed its error."""
+
+
+def run_child(stage: str, family: str | None, root: Path, profiles=()) -> dict:
+    """One stage instance in a process of its own (`python -m dd.stage`), so that its figures are its own:
+    → {"seconds", "peak_mb"}, the peak resident memory over the stage's processes (papermill's kernel, torchrun's
+    workers: Linux folds a reaped child's peak into its parent's). Raises when the stage fails; it has printed why."""
+    import subprocess
+    import time
+
+    cmd = [sys.executable, "-m", "dd.stage", stage, *(["--family", family] if family else []),
+           *(a for f in profiles for a in ("--profile", str(f)))]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "DD_ROOT": str(root)})
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    if proc.returncode != 0:
+        raise StageFailed(f"exit status {proc.returncode}")
+    return {"seconds": round(time.perf_counter() - t0, 1), "peak_mb": round(usage.ru_maxrss / 1024)}
+
+
+def run_all(root: Path, first: str | None = None, profiles=(), runner=None, record: Path | None = None) -> int:
     """Every stage instance in dvc.yaml's order from `first` on; stop at the first failure with one line that
-    says how to resume. runner(stage, family, root, cfg) executes one (default `run`). → exit status."""
-    runner = runner or (lambda stage, family, root, cfg: run(stage, family, root, cfg))
+    says how to resume. runner(stage, family, root, cfg) executes one (default: `run_child`). record: a JSON file
+    that gets each finished stage's wall time and peak memory, and the device. → exit status."""
+    runner = runner or (lambda stage, family, root, cfg: run_child(stage, family, root, profiles))
     cfg = config(root, profiles)
     todo = starting_at(pipeline(root), first)
+    rows = []
     for n, (stage, family) in enumerate(todo, 1):
         print(f"[{n}/{len(todo)}] {label(stage, family)}", file=sys.stderr, flush=True)
         try:
-            runner(stage, family, root, cfg)
+            figures = runner(stage, family, root, cfg)
         except Exception as e:  # papermill's error already printed the cell; end with one clear line
             again = " ".join(["python -m dd.stage --all --from", label(stage, family),
                               *(f"--profile {f}" for f in profiles)])
-            print(f"{_failure(label(stage, family), e)}; resume with: {again}", file=sys.stderr)
+            said = f"error: stage {label(stage, family)} failed" if isinstance(e, StageFailed) else \
+                _failure(label(stage, family), e)
+            print(f"{said}; resume with: {again}", file=sys.stderr)
             return 1
+        rows.append({"stage": label(stage, family), **(figures or {})})
+        if record:
+            _record(Path(record), rows, cfg)
     return 0
+
+
+def _record(path: Path, rows: list[dict], cfg: dict) -> None:
+    from . import bench, io
+
+    io.write_json(path, {"device": bench.device_name(io.resolve_device(cfg["base"].device)),
+                         "minutes": round(sum(r.get("seconds", 0) for r in rows) / 60, 2), "stages": rows})
 
 
 def main(argv=None) -> int:
@@ -207,9 +244,11 @@ def main(argv=None) -> int:
                     help="with --all: start at this stage, skipping those before it")
     ap.add_argument("--profile", action="append", default=[], metavar="YAML",
                     help="a partial params file laid over params.yaml (e.g. profiles/gpu.yaml); repeatable")
+    ap.add_argument("--record", default=None, metavar="JSON",
+                    help="with --all: write each stage's wall time and peak memory to this file")
     args = ap.parse_args(argv)
-    if args.all == (args.stage is not None) or (args.first and not args.all):
-        ap.error("give one stage, or --all [--from STAGE[@FAMILY]]")
+    if args.all == (args.stage is not None) or ((args.first or args.record) and not args.all):
+        ap.error("give one stage, or --all [--from STAGE[@FAMILY]] [--record JSON]")
     try:
         root = P.repository_params().parent  # (not dd.io.root: dd.io imports torch, validation must not wait)
         cfg = config(root, args.profile)  # fail fast, before papermill or torch start
@@ -219,7 +258,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.all:
-        return run_all(root, args.first, args.profile)
+        return run_all(root, args.first, args.profile, record=args.record)
     try:
         run(args.stage, args.family, root, cfg)
     except Exception as e:  # papermill's error already printed the cell; end with one clear line

@@ -1,4 +1,8 @@
-"""dd.stage without a kernel: the report's shape, the --all order, --from and the stop at the first failure."""
+"""dd.stage without a kernel: the report's shape, the --all order, --from, --record and the stop at the first
+failure."""
+import json
+from types import SimpleNamespace
+
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
@@ -83,11 +87,30 @@ def test_run_all_stops_at_the_first_failure_and_says_how_to_resume(root, monkeyp
     assert ran == ["train@var", "evaluate"]
 
 
+def test_run_all_records_each_finished_stage(root, monkeypatch, tmp_path):
+    monkeypatch.setattr(stage, "config", lambda root, profiles=(): {"base": SimpleNamespace(device="cpu")})
+    figures = {"prepare": 30.0, "train@llamagen": 60.0, "train@var": 90.0}
+
+    def runner(name, family, root, cfg):
+        if name == "evaluate":
+            raise RuntimeError("boom")
+        return {"seconds": figures[stage.label(name, family)], "peak_mb": 100}
+
+    out = tmp_path / "times.json"
+    assert stage.run_all(root, runner=runner, record=out) == 1
+    got = json.loads(out.read_text())
+    assert [r["stage"] for r in got["stages"]] == list(figures)  # the failed stage is not recorded
+    assert got["minutes"] == 3.0 and got["stages"][0] == {"stage": "prepare", "seconds": 30.0, "peak_mb": 100}
+    assert got["device"]
+
+
 def test_main_rejects_a_stage_together_with_all(capsys):
     with pytest.raises(SystemExit):
         stage.main(["prepare", "--all"])
     with pytest.raises(SystemExit):
         stage.main(["prepare", "--from", "train"])
+    with pytest.raises(SystemExit):
+        stage.main(["prepare", "--record", "times.json"])
 
 
 def test_the_repository_pipeline_runs_every_notebook_once_in_order():
