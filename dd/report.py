@@ -72,8 +72,8 @@ def results(metrics_dir: Path) -> list[str]:
                 name, str(m["steps"]), f"{m[fid]:.1f}", f"{m['recall']:.3f}", f"{m['class_acc']:.1%}",
                 f"{m['latency_ms']:.1f}", f"{m['speedup']:.1f}×", _paper(fam, name)]) + " |")
     out += ["", f"{d['n_eval']:,} samples per method, the same labels for every method; ms / image: token generation "
-            "at batch 1, median of interleaved rounds; speed-up over the teacher at batch 1. Device "
-            f"`{d['device']}`, {d['threads']} threads, torch {d['torch']}."]
+            "at batch 1, median of interleaved rounds; speed-up over the teacher at batch 1. Measured on "
+            f"{_device(d)}."]
     feats = _read(metrics_dir, "features")
     if feats and "patchwork_4px" in feats.get("sanity", {}):
         s = feats["sanity"]
@@ -84,9 +84,14 @@ def results(metrics_dir: Path) -> list[str]:
     return out
 
 
+def _device(d: dict) -> str:
+    """The device an evaluate.json was measured on (older files name only `cpu`: add threads and torch)."""
+    return d["device"] if "torch" in d["device"] else f"{d['device']}, {d['threads']} threads, torch {d['torch']}"
+
+
 def stage_times(reports: Path) -> list[str]:
     """Wall time of every stage of the committed run, from the papermill metadata of the executed notebooks:
-    one line, per-family stages as LlamaGen / VAR."""
+    one line, per-family stages as LlamaGen / VAR, and the device `evaluate` names."""
     rows: dict[str, dict[str, float]] = {}
     for nb in sorted(reports.glob("[0-9][0-9]_*.ipynb")):
         duration = json.loads(nb.read_text()).get("metadata", {}).get("papermill", {}).get("duration")
@@ -100,7 +105,8 @@ def stage_times(reports: Path) -> list[str]:
         return ["(no executed notebooks in `reports/` yet)"]
     parts = [f"`{stage}` " + " / ".join(f"{m:.1f}" for m in t.values()) for stage, t in rows.items()]
     total = sum(m for t in rows.values() for m in t.values())
-    return [", ".join(parts) + f"; **total {total:.1f}**."]
+    d = _read(reports / "metrics", "evaluate")
+    return [", ".join(parts) + f"; **total {total:.1f}**" + (f" on {_device(d)}." if d else ".")]
 
 
 # name -> builder(metrics_dir): the markers' name in README.md and what goes between them.

@@ -41,7 +41,16 @@ def test_results_table_rows_and_paper_column(tmp_path):
 
 def test_stage_times_per_family_and_total(tmp_path):
     (line,) = report.stage_times(_reports(tmp_path).parent)
-    assert line == "`prepare` 0.5, `train_dd1` 2.0 / 3.0; **total 5.5**."
+    assert line == "`prepare` 0.5, `train_dd1` 2.0 / 3.0; **total 5.5** on cpu, 2 threads, torch 2.x."
+
+
+def test_figures_name_the_cpu_they_ran_on(tmp_path):
+    metrics = _reports(tmp_path)
+    named = "AMD EPYC 9B14 (2 cores, 2 threads, torch 2.x)"
+    d = json.loads((metrics / "evaluate.json").read_text())
+    (metrics / "evaluate.json").write_text(json.dumps({**d, "device": named}))
+    assert any(line.endswith(f"Measured on {named}.") for line in report.results(metrics))
+    assert report.stage_times(metrics.parent)[0].endswith(f"**total 5.5** on {named}.")
 
 
 def test_render_rewrites_every_block_and_nothing_else(tmp_path):
