@@ -57,12 +57,23 @@ def ints(doc: str, lo=None):
     return _spec(doc, lo=lo)
 
 
+def names(allowed: tuple[str, ...], doc: str):
+    """A non-empty list of distinct names, each one of `allowed`."""
+    return _spec(doc, choices=allowed)
+
+
 def family_keys(cls: type, doc: str):
     """A family subsection of a flat section: one family's own keys, validated as `cls`."""
     return _spec(doc, section=cls)
 
 
 # ---------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    families: list = names(("llamagen", "var"), "the teacher families every per-family stage runs for (dvc.yaml's "
+                           "foreach) and evaluate compares")
 
 
 @dataclass(frozen=True)
@@ -206,7 +217,7 @@ class BuildTrajectories:
     build_batch: int = num("sequences per teacher batch while building", lo=1)
     flow_steps: int = num("ODE steps of the flow map that replaces sampling (dd.flow.flow_map)", lo=1)
     n_check: int = num("pairs decoded for the check against ordinary teacher samples", lo=10)
-    convergence_steps: list = ints("flow steps compared with a 1024-step solve in the report")
+    convergence_steps: list = ints("flow steps the report compares with a solve of 8 x the most of them")
 
 
 @dataclass(frozen=True)
@@ -302,7 +313,7 @@ class Evaluate:
 
 
 SECTIONS: dict[str, type | dict] = {
-    "base": Base, "runtime": Runtime, "prepare": Prepare, "features": Features,
+    "pipeline": Pipeline, "base": Base, "runtime": Runtime, "prepare": Prepare, "features": Features,
     "teacher": {"llamagen": Teacher, "var": TeacherVar},
     "train_tokenizer": {"llamagen": TrainTokenizerLlamaGen, "var": TrainTokenizerVar},
     "train_teacher": {"llamagen": TrainTeacherLlamaGen, "var": TrainTeacherVar},
@@ -323,7 +334,8 @@ def _describe(f: dataclasses.Field) -> str:
     if m.get("section"):
         return "a mapping of: " + ", ".join(g.name for g in dataclasses.fields(m["section"]))
     if m.get("choices"):
-        return "choose one of: " + ", ".join(m["choices"])
+        many = _type(f) is list
+        return ("a non-empty list of distinct names, each" if many else "choose") + " one of: " + ", ".join(m["choices"])
     lo, hi = m.get("lo"), m.get("hi")
     if _type(f) is list:
         return f"a non-empty list of integers >= {1 if lo is None else lo}"
@@ -346,6 +358,11 @@ def _check(section: str, f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, bool):
             raise bad
         return value
+    if t is list and m.get("choices"):
+        if not isinstance(value, list) or not value or len(set(map(str, value))) < len(value) or \
+                not all(isinstance(v, str) and v in m["choices"] for v in value):
+            raise bad
+        return list(value)
     if t is list:
         least = 1 if m.get("lo") is None else m["lo"]
         if not isinstance(value, list) or not value or \

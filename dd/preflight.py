@@ -257,9 +257,11 @@ def _size_error(image_size: int, need: int, why: str) -> ParamsError:
 
 
 def check(cfg: dict, root: Path) -> None:
-    """Every check of this module on validated params (`dd.params.load`'s result); raises ParamsError."""
+    """Every check of this module on validated params (`dd.params.load`'s result), for the families the pipeline
+    runs (pipeline.families); raises ParamsError."""
     size = cfg["prepare"].image_size
-    for family, teacher in cfg["teacher"].items():
+    for family in cfg["pipeline"].families:
+        teacher = cfg["teacher"][family]
         if teacher.source == "official":
             tok = official_shapes(family, "tokenizer", teacher.tokenizer_path, root)
             net = official_shapes(family, "teacher", teacher.teacher_path, root)

@@ -52,8 +52,8 @@ def declared_sections(root: Path, stage: str, family: str | None = None) -> list
         raise ValueError(f"dvc.yaml has no stage {stage!r}; stages: {', '.join(stages)}")
     spec = stages[stage]
     if "foreach" in spec:
-        if family not in spec["foreach"]:
-            raise ValueError(f"stage {stage} runs per family; pass --family, one of: {', '.join(spec['foreach'])}")
+        if family not in _items(spec):
+            raise ValueError(f"stage {stage} runs per family; pass --family, one of: {', '.join(_items(spec))}")
         spec = spec["do"]
     entries = [*spec.get("params", []), *(spec.get("meta") or {}).get("untracked", [])]
     return [e.replace("${item}", family or "") for e in entries if isinstance(e, str)]
@@ -153,12 +153,24 @@ def run(stage: str, family: str | None = None, root: Path | None = None, cfg: di
     return out
 
 
-def pipeline(root: Path) -> list[tuple[str, str | None]]:
-    """Every stage instance of dvc.yaml in its order: [(stage, family or None)], a foreach stage once per item."""
+FAMILIES_VAR = "${pipeline.families}"  # dvc.yaml's foreach of the per-family stages: params.yaml's families
+
+
+def _items(spec: dict, families=P.FAMILIES) -> list:
+    """The items of a dvc.yaml stage: a foreach list, params.yaml's `families` for `${pipeline.families}`, else
+    [None] (a stage that runs once)."""
+    if "foreach" not in spec:
+        return [None]
+    return list(families) if spec["foreach"] == FAMILIES_VAR else list(spec["foreach"])
+
+
+def pipeline(root: Path, families=P.FAMILIES) -> list[tuple[str, str | None]]:
+    """Every stage instance of dvc.yaml in its order: [(stage, family or None)], a foreach stage once per item
+    (`families`: pipeline.families of the params in use)."""
     import yaml
 
     stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
-    return [(name, item) for name, spec in stages.items() for item in (spec["foreach"] if "foreach" in spec else [None])]
+    return [(name, item) for name, spec in stages.items() for item in _items(spec, families)]
 
 
 def label(stage: str, family: str | None) -> str:
@@ -209,7 +221,7 @@ def run_all(root: Path, first: str | None = None, profiles=(), runner=None, reco
     that gets each finished stage's wall time and peak memory, and the device. → exit status."""
     runner = runner or (lambda stage, family, root, cfg: run_child(stage, family, root, profiles))
     cfg = config(root, profiles)
-    todo = starting_at(pipeline(root), first)
+    todo = starting_at(pipeline(root, cfg["pipeline"].families), first)
     rows = []
     for n, (stage, family) in enumerate(todo, 1):
         print(f"[{n}/{len(todo)}] {label(stage, family)}", file=sys.stderr, flush=True)
@@ -253,7 +265,7 @@ def main(argv=None) -> int:
         root = P.repository_params().parent  # (not dd.io.root: dd.io imports torch, validation must not wait)
         cfg = config(root, args.profile)  # fail fast, before papermill or torch start
         if args.all:
-            starting_at(pipeline(root), args.first)
+            starting_at(pipeline(root, cfg["pipeline"].families), args.first)
     except (P.ParamsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

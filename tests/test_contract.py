@@ -25,7 +25,7 @@ def _instances(name, stage):
     if "foreach" not in stage:
         return [(name, None, stage)]
     out = []
-    for fam in stage["foreach"]:
+    for fam in S._items(stage, CFG["pipeline"].families):
         text = json.dumps(stage["do"]).replace("${item}", fam)
         out.append((f"{name}@{fam}", fam, json.loads(text)))
     return out

@@ -179,6 +179,15 @@ def test_image_size_against_the_tokenizers(released):
         _check(released, raw)
 
 
+def test_only_the_families_the_pipeline_runs_are_checked(released):
+    raw = _official(var={"teacher_path": "nowhere.pth"})  # a one-family paper profile: VAR is not run
+    raw["pipeline"] = {"families": ["llamagen"]}
+    _check(released, raw)
+    raw["pipeline"] = {"families": ["var"]}
+    with pytest.raises(ParamsError, match="teacher.var.teacher_path = 'nowhere.pth': no such file"):
+        _check(released, raw)
+
+
 def test_dd_stage_stops_before_any_compute(released):
     """Through the command a user (and dvc repro) runs: exit 2, one line, well under 10 s."""
     shutil.copy(ROOT / "dvc.yaml", released / "dvc.yaml")

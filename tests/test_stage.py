@@ -9,6 +9,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from dd import stage
 
+FAMILIES = SimpleNamespace(families=["llamagen", "var"])
 DVC = """
 stages:
   prepare:
@@ -59,6 +60,14 @@ def test_pipeline_follows_dvc_yaml_with_every_family(root):
     assert stage.pipeline(root) == [("prepare", None), ("train", "llamagen"), ("train", "var"), ("evaluate", None)]
 
 
+def test_per_family_stages_follow_the_families_in_params(root):
+    (root / "dvc.yaml").write_text(DVC.replace("[llamagen, var]", '"${pipeline.families}"'))
+    assert stage.pipeline(root, ["var"]) == [("prepare", None), ("train", "var"), ("evaluate", None)]
+    assert stage.declared_sections(root, "train", "llamagen") == []  # any family's keys can be asked for
+    with pytest.raises(ValueError, match="one of: llamagen, var"):
+        stage.declared_sections(root, "train")
+
+
 def test_from_skips_the_stages_before(root):
     order = stage.pipeline(root)
     assert stage.starting_at(order, "train@var") == order[2:]
@@ -69,7 +78,7 @@ def test_from_skips_the_stages_before(root):
 
 
 def test_run_all_stops_at_the_first_failure_and_says_how_to_resume(root, monkeypatch, capsys):
-    monkeypatch.setattr(stage, "config", lambda root, profiles=(): {})
+    monkeypatch.setattr(stage, "config", lambda root, profiles=(): {"pipeline": FAMILIES})
     ran = []
 
     def runner(name, family, root, cfg):
@@ -88,7 +97,8 @@ def test_run_all_stops_at_the_first_failure_and_says_how_to_resume(root, monkeyp
 
 
 def test_run_all_records_each_finished_stage(root, monkeypatch, tmp_path):
-    monkeypatch.setattr(stage, "config", lambda root, profiles=(): {"base": SimpleNamespace(device="cpu")})
+    monkeypatch.setattr(stage, "config", lambda root, profiles=(): {"pipeline": FAMILIES,
+                                                                   "base": SimpleNamespace(device="cpu")})
     figures = {"prepare": 30.0, "train@llamagen": 60.0, "train@var": 90.0}
 
     def runner(name, family, root, cfg):
