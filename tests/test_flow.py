@@ -211,6 +211,19 @@ def test_map_convergence_reports_agreement_with_the_reference():
     assert res[flow.N_STEPS]["agreement"] > 0.98 and res[flow.N_STEPS]["tv"] < 0.01
 
 
+def test_map_convergence_reference_scales_with_the_steps_compared(monkeypatch):
+    """8 x the most steps compared (1,024 for the defaults): a release-size check at 16,384 codes stays affordable."""
+    solved = []
+    real = flow.flow_map
+    monkeypatch.setattr(flow, "flow_map", lambda eps, logp, cb, n: solved.append(n) or real(eps, logp, cb, n))
+    codebook = _codebook(16, 4, True, seed=5)
+    eps, logits = torch.randn(50, 4, generator=torch.Generator().manual_seed(5)), torch.zeros(16)
+    flow.map_convergence(eps, logits, codebook, n_steps=(2, 4))
+    assert solved == [32, 2, 4]
+    flow.map_convergence(eps, logits, codebook)
+    assert solved[3] == 1024
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("V,D,normalised,n_steps", [(4096, 32, False, flow.N_STEPS), (16384, 8, True, 128)])
