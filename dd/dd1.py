@@ -309,9 +309,12 @@ def in_batches(fn, noise: torch.Tensor, labels: torch.Tensor, batch_size: int) -
                       for i in range(0, len(labels), batch_size)])
 
 
+@torch.no_grad()
 def guided_logits(teacher, tok, tokens: torch.Tensor, labels: torch.Tensor, cfg, step: int) -> torch.Tensor:
     """The teacher's filtered sampling logits for AR step `step` given tokens [B, L] (later positions ignored)
-    → [B, n_step, V], with the sample_teacher section's guidance / temperature / top-k / top-p semantics."""
+    → [B, n_step, V], with the sample_teacher section's guidance / temperature / top-k / top-p semantics. Without
+    gradient: a kept result would otherwise hold the whole forward pass (at 256 tokens x 16,384 codes, gigabytes
+    per step)."""
     if isinstance(teacher, llamagen.GPT):
         ctx = tokens[:, :step + 1]  # logits[:, i] depends on tokens[:, :i] only
         use_cfg = cfg.cfg_scale > 1.0 and (cfg.cfg_interval <= -1 or step <= cfg.cfg_interval + 1)

@@ -63,6 +63,7 @@ def test_teacher_logp_matches_the_samplers_distribution(family):
     ends = [0, *dd1.step_ends(gpt)]
     for s in range(len(ends) - 1):
         want = dd1.guided_logits(gpt, tok, tokens, labels, SAMPLING[family], s).log_softmax(-1)
+        assert not want.requires_grad  # (no graph kept: the teacher's weights require grad here)
         assert torch.equal(torch.isinf(got[:, ends[s]:ends[s + 1]]), torch.isinf(want))
         torch.testing.assert_close(got[:, ends[s]:ends[s + 1]], want)
 
