@@ -360,14 +360,23 @@ def sample_mixed(model: DD1Model, teacher, tok, noise: torch.Tensor, labels: tor
     return sample(model, noise, labels, codebook, ends, (t2,), split, tokens=tokens)
 
 
+DECODE_PIXELS = 2 ** 20  # image pixels decoded at once (1,024 images at 32 px, 16 at 256 px)
+
+
 def decode(tok, emb: torch.Tensor) -> torch.Tensor:
     """Per-position embeddings [B, L, D] (codes or continuous-head outputs, not snapped) → images [B, 3, S, S] in
     [-1, 1]. LlamaGen: the h×w grid (raster order; the decoder L2-normalises); VAR: the per-scale blocks through
-    the residual f_hat recursion. Differentiable (used by `dd1_loss(cont_loss="decoded")`)."""
+    the residual f_hat recursion. In chunks of DECODE_PIXELS pixels: a 256 px decoder's activations are ~100 MB
+    per image. Differentiable (used by `dd1_loss(cont_loss="decoded")`)."""
     B, L, D = emb.shape
     if isinstance(tok, llamagen.VQModel):
         side = math.isqrt(L)
-        return tok.decode_embeddings(emb.reshape(B, side, side, D)).clamp(-1, 1)
-    if isinstance(tok, var_tokenizer.VQVAE):
-        return tok.decode_embeddings(list(emb.split([p * p for p in tok.patch_nums], 1)))
-    raise TypeError(f"decode: expected a llamagen.VQModel or var_tokenizer.VQVAE, got {type(tok).__name__}")
+        pixels = (side * tok.downsample_factor) ** 2
+        run = lambda e: tok.decode_embeddings(e.reshape(len(e), side, side, D)).clamp(-1, 1)  # noqa: E731
+    elif isinstance(tok, var_tokenizer.VQVAE):
+        pixels = (tok.patch_nums[-1] * tok.downsample) ** 2
+        run = lambda e: tok.decode_embeddings(list(e.split([p * p for p in tok.patch_nums], 1)))  # noqa: E731
+    else:
+        raise TypeError(f"decode: expected a llamagen.VQModel or var_tokenizer.VQVAE, got {type(tok).__name__}")
+    chunk = max(1, DECODE_PIXELS // pixels)
+    return run(emb) if B <= chunk else torch.cat([run(e) for e in emb.split(chunk)])

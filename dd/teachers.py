@@ -217,10 +217,15 @@ def _sample(fam, tok, teacher, labels: torch.Tensor, cfg, generator, batch_size:
     return torch.cat(out)
 
 
+LOGIT_ELEMENTS = 2 ** 26  # logits computed at once by `nll` (2,048 sequences of 64 x 512, 16 of 256 x 16,384)
+
+
 @torch.no_grad()
 def nll(fam, tok, teacher, tokens: torch.Tensor, labels: torch.Tensor, batch_size: int = 250, device="cpu") -> float:
-    """Mean negative log-likelihood of tokens [N, L] under the unguided teacher, in nats per token."""
+    """Mean negative log-likelihood of tokens [N, L] under the unguided teacher, in nats per token; in batches of
+    at most batch_size sequences and LOGIT_ELEMENTS logits."""
     teacher.eval().to(device), tok.eval().to(device)
+    batch_size = max(1, min(batch_size, LOGIT_ELEMENTS // (tokens.shape[1] * teacher.vocab_size)))
     total = 0.0
     for i in _batches(len(tokens), batch_size):
         t, y = tokens[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)

@@ -345,3 +345,15 @@ def test_dd1_student_matches_enumerable_teacher(tmp_path):
     # of onestep*'s distance.
     assert tv_star > 0.3, tv_star
     assert tv_dd1 < 0.5 * tv_star and tv_dd1 < tv_floor + 0.1, (tv_dd1, tv_star, tv_floor)
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_decode_in_chunks_equals_one_pass(family, monkeypatch):
+    """Released 256 px decoders cannot take hundreds of images at once: decode splits the batch, same images."""
+    tok = tiny_vq() if family == "llamagen" else tiny_var()[0]
+    L, D = (16, 4) if family == "llamagen" else (sum(p * p for p in PNS), 4)
+    emb = torch.randn(5, L, D, generator=torch.Generator().manual_seed(0))
+    whole = dd1.decode(tok, emb)
+    side = whole.shape[-1]
+    monkeypatch.setattr(dd1, "DECODE_PIXELS", 2 * side * side)  # two images a chunk: 2 + 2 + 1
+    torch.testing.assert_close(dd1.decode(tok, emb), whole)

@@ -34,6 +34,16 @@ def test_untrained_teacher_nll_is_log_vocab(tiny):
     assert fam.ar_steps(teacher) == 64
 
 
+def test_nll_batches_bound_the_logits_and_keep_the_value(tiny, monkeypatch):
+    fam, tok, teacher = tiny
+    teacher = copy.deepcopy(teacher)
+    torch.nn.init.normal_(teacher.output.weight)
+    t, y = torch.randint(0, 16, (5, 64), generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1])
+    whole = teachers.nll(fam, tok, teacher, t, y)
+    monkeypatch.setattr(teachers, "LOGIT_ELEMENTS", 2 * 64 * 16)  # two sequences of logits at a time
+    assert teachers.nll(fam, tok, teacher, t, y) == pytest.approx(whole, rel=1e-6)
+
+
 def test_sample_is_seeded_and_uses_sampling_params(tiny):
     fam, tok, teacher = tiny
     teacher = copy.deepcopy(teacher)
