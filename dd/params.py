@@ -288,7 +288,8 @@ class TrainDD2:
     t_max: float = num("upper end of the CSD times", lo=0.0, hi=1.0, lo_open=True)
     ema_max: float = num("cap of the progressive EMA min(ema_max, (i + 1) / (i + 10))", lo=0.0, hi=0.99999)
     multistep: list = ints("k of the multi-step samples (the teacher redraws the last k - 1 AR steps)", lo=2)
-    eval_every: int = num("generator steps between probe evaluations (500 one-step samples) of the EMA", lo=1)
+    eval_every: int = num("generator steps between probe evaluations (min(500, n_eval) one-step samples) of the "
+                          "EMA", lo=1)
     n_eval: int = num("samples per method for the metrics (the teacher samples' labels)", lo=10)
     n_eval_ardiff: int = num("samples of the AR-diffusion model's metrics (n_euler × AR steps per image; the "
                              "first of the n_eval labels)", lo=10)
