@@ -327,6 +327,22 @@ def guided_logits(teacher, tok, tokens: torch.Tensor, labels: torch.Tensor, cfg,
 
 
 @torch.no_grad()
+def guided_logits_all(teacher, tok, tokens: torch.Tensor, labels: torch.Tensor, cfg) -> torch.Tensor:
+    """`guided_logits` of every AR step at once, from one teacher-forced forward pass → [B, L, V] (a step's logits
+    depend on the earlier positions only): for reports over all positions, where a pass per step would cost L
+    passes."""
+    if isinstance(teacher, llamagen.GPT):
+        s = cfg.cfg_scale
+        logits = teacher.cfg_logits(tokens, labels, s) if s > 1.0 else teacher.logits(tokens, labels)
+        if s > 1.0 and cfg.cfg_interval > -1:  # guidance for tokens n <= cfg_interval + 1 only
+            late = torch.arange(tokens.shape[1], device=tokens.device) > cfg.cfg_interval + 1
+            logits = torch.where(late[:, None], teacher.logits(tokens, labels), logits)
+        return llamagen.Sampler(cfg.temperature, cfg.top_k, cfg.top_p).filter(logits)
+    x_in = tok.teacher_forcing_input(list(tokens.split([p * p for p in teacher.patch_nums], 1)))
+    return var.Sampler(cfg.top_k, cfg.top_p).filter(teacher.cfg_logits(x_in, labels, cfg.cfg))
+
+
+@torch.no_grad()
 def teacher_steps(teacher, tok, tokens: torch.Tensor, labels: torch.Tensor, start: int, stop: int, cfg,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """tokens [B, L] → a copy whose AR steps start..stop-1 are drawn by the teacher's ordinary sampler given the

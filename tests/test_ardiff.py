@@ -5,6 +5,8 @@ Tiny random teachers of both families check the wiring: copies, causality of the
 distribution given code vectors, the input adaptation. The GTS loss and the AR-diffusion sampler are checked on an
 enumerable teacher by the acceptance test of tests/test_dd2.py.
 """
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -66,6 +68,19 @@ def test_teacher_logp_matches_the_samplers_distribution(family):
         assert not want.requires_grad  # (no graph kept: the teacher's weights require grad here)
         assert torch.equal(torch.isinf(got[:, ends[s]:ends[s + 1]]), torch.isinf(want))
         torch.testing.assert_close(got[:, ends[s]:ends[s + 1]], want)
+
+
+@pytest.mark.parametrize("family, interval", [("llamagen", -1), ("llamagen", 3), ("var", -1)])
+def test_guided_logits_of_every_step_from_one_pass(family, interval):
+    tok, gpt, _, _ = tiny_setup(family)
+    sampling = SAMPLING[family] if family == "var" else dataclasses.replace(SAMPLING[family], cfg_interval=interval)
+    L = 9 if family == "llamagen" else sum(p * p for p in PNS)
+    tokens, labels = torch.randint(16, (4, L)), torch.tensor([0, 1, 2, 0])
+    every = dd1.guided_logits_all(gpt, tok, tokens, labels, sampling)
+    ends = dd1.step_ends(gpt)
+    steps = torch.cat([dd1.guided_logits(gpt, tok, tokens, labels, sampling, s) for s in range(len(ends))], 1)
+    assert torch.equal(torch.isinf(every), torch.isinf(steps))
+    torch.testing.assert_close(every, steps)
 
 
 def test_fit_input_mlp_and_kl_adaptation_reduce_the_gap(tmp_path):
