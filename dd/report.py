@@ -1,4 +1,5 @@
-"""The README's generated blocks: the results table and the stage wall times, from this run's files.
+"""The README's generated blocks: the results table, the stage wall times and the paper profiles' projected costs,
+from this run's files.
 
     python -m dd.report          # rewrite every generated block of README.md
     python -m dd.report --check  # exit 1 if README.md is out of date with reports/
@@ -109,8 +110,36 @@ def stage_times(reports: Path) -> list[str]:
     return [", ".join(parts) + f"; **total {total:.1f}**" + (f" on {_device(d)}." if d else ".")]
 
 
+# DD2 Tab. 3 and Tab. 8: wall-clock hours on one node of 8 A800s (DD1's pair building not itemised).
+PAPER_HOURS = {"llamagen": "LlamaGen-L: DD1 647.7; DD2 52.6 (adaptation 3.3, GTS 8.6, CSD 40.7)",
+               "var": "VAR-d16: DD1 296.9; DD2 115.5 (GTS 60.1 + 8.0, CSD 42.6, alignment 4.8)"}
+PROFILES = {"llamagen": "`paper-llamagen` (LlamaGen-B)", "var": "`paper-var` (VAR-d16)"}
+
+
+def paper_costs(reports: Path) -> list[str]:
+    """Projected hours per stage of each paper profile (`python -m dd.scale`'s file), beside the papers' hours."""
+    d = _read(reports / "benchmarks", "release_scale")
+    if not d:
+        return ["(no `reports/benchmarks/release_scale.json` yet: run `python -m dd.scale --device cuda`)"]
+    fams = {f["family"]: f for f in d["families"]}
+    stages = list(next(iter(fams.values()))["projected"]["hours"])
+    out = ["| stage | " + " | ".join(PROFILES[f] for f in fams) + " |", "|---|" + "---:|" * len(fams)]
+    for stage in stages:
+        cells = [fams[f]["projected"]["hours"][stage] for f in fams]
+        out.append(f"| {stage} | " + " | ".join("not measured" if h is None else f"{h:,.1f}" for h in cells) + " |")
+    notes = sorted({n for f in fams.values() for n in f["projected"]["notes"]})
+    nproc = next(iter(fams.values()))["nproc"]
+    out += ["", f"Wall-clock hours on a node of {nproc} × {d['device']}, projected from unit costs measured at the "
+            f"released sizes with random weights (`{d['command']}`, `reports/benchmarks/release_scale.json`): ideal "
+            "data parallelism for pairs and training, one process for sampling"
+            + "".join(f"; {n}" for n in notes) + ". The papers, on 8 A800s: "
+            + "; ".join(PAPER_HOURS[f] for f in fams) + "."]
+    return out
+
+
 # name -> builder(metrics_dir): the markers' name in README.md and what goes between them.
-BLOCKS = {"results": results, "stage-times": lambda metrics_dir: stage_times(metrics_dir.parent)}
+BLOCKS = {"results": results, "stage-times": lambda metrics_dir: stage_times(metrics_dir.parent),
+          "paper-costs": lambda metrics_dir: paper_costs(metrics_dir.parent)}
 
 
 def _markers(name: str) -> tuple[str, str]:

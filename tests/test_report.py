@@ -64,3 +64,18 @@ def test_render_rewrites_every_block_and_nothing_else(tmp_path):
 def test_render_names_a_missing_block(tmp_path):
     with pytest.raises(ValueError, match="stage-times"):
         report.render(_readme().replace("stage-times", "other"), _reports(tmp_path))
+
+
+def test_paper_costs_table_from_the_scale_file(tmp_path):
+    bench = tmp_path / "reports" / "benchmarks"
+    bench.mkdir(parents=True)
+    fam = {"nproc": 8, "projected": {"hours": {"build_trajectories": 1.78, "train_dd2 (GTS)": None},
+                                     "notes": ["pairs measured at 32 flow steps (the profile: 200)"]}}
+    (bench / "release_scale.json").write_text(json.dumps({
+        "device": "NVIDIA H200", "command": "python -m dd.scale --device cuda",
+        "families": [{"family": "llamagen", **fam}, {"family": "var", **fam}]}))
+    lines = report.paper_costs(tmp_path / "reports")
+    assert lines[0] == "| stage | `paper-llamagen` (LlamaGen-B) | `paper-var` (VAR-d16) |"
+    assert "| build_trajectories | 1.8 | 1.8 |" in lines and "| train_dd2 (GTS) | not measured | not measured |" in lines
+    assert lines[-1].startswith("Wall-clock hours on a node of 8 × NVIDIA H200")
+    assert "pairs measured at 32 flow steps" in lines[-1] and "VAR-d16: DD1 296.9" in lines[-1]
