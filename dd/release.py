@@ -39,7 +39,7 @@ from . import bench, io, llamagen, teachers, var, var_tokenizer
 SIZE = 256  # the release's image side
 
 
-def _build(name: str):
+def build(name: str):
     """(model at the release configuration, file name as released, load(path) with dd's loader)."""
     if name == "vq16":
         return llamagen.VQModel(**llamagen.VQ_CONFIGS["VQ-16"]), "vq_ds16_c2i.pt", llamagen.load_vq
@@ -90,7 +90,7 @@ def check(name: str, folder: str | Path) -> dict:
     """Build, save as released, load with dd's loader, compare, run once: → figures (seconds, MB, shapes)."""
     torch.manual_seed(0)
     t = [time.perf_counter()]
-    model, fname, load = _build(name)
+    model, fname, load = build(name)
     t.append(time.perf_counter())
     path = Path(folder) / fname
     _save_as_released(model, path)

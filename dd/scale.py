@@ -33,13 +33,13 @@ from . import ardiff, bench, dd1, dd2, io, llamagen, params as P, release, teach
 def models(family: str, thin: bool):
     """(tokenizer, teacher) of `family` at the release's size (or `release.THIN`'s), random weights, eval mode."""
     torch.manual_seed(0)
-    if family == "llamagen":
-        tok = llamagen.VQModel(**(release.THIN["vq"] if thin else llamagen.VQ_CONFIGS["VQ-16"]))
-        net = llamagen.GPT(**(release.THIN["gpt"] if thin else {**llamagen.GPT_CONFIGS["GPT-B"],
-                                                                 "grid_size": release.SIZE // 16}))
+    if thin:
+        tok = llamagen.VQModel(**release.THIN["vq"]) if family == "llamagen" else \
+            var_tokenizer.VQVAE(**release.THIN["vae"])
+        net = llamagen.GPT(**release.THIN["gpt"]) if family == "llamagen" else var.VAR(**release.THIN["var"])
     else:
-        tok = var_tokenizer.VQVAE(**(release.THIN["vae"] if thin else var_tokenizer.VAE_CONFIGS["release"]))
-        net = var.VAR(**(release.THIN["var"] if thin else var.VAR_CONFIGS["d16"]))
+        names = {"llamagen": ("vq16", "gpt-b"), "var": ("vae", "var-d16")}[family]
+        tok, net = (release.build(name)[0] for name in names)
     return tok.eval(), net.eval()
 
 
