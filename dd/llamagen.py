@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import io
+from . import io, layers
 
 # ----------------------------------------------------------------------------------------------------------------
 # VQ tokenizer
@@ -72,7 +72,7 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         q, k, v = (m(h).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # [B,1,HW,C]
-        h = F.scaled_dot_product_attention(q, k, v)  # default scale C^-1/2, as upstream
+        h = layers.attention(q, k, v)  # default scale C^-1/2, as upstream
         return x + self.proj_out(h[:, 0].transpose(1, 2).reshape(B, C, H, W))
 
 
@@ -191,9 +191,10 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """z: [..., D] unit-norm -> indices [...]. Same distance expression as upstream, so ties break alike."""
-        e = self.codebook()
-        zf = z.reshape(-1, z.shape[-1])
-        d = zf.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * zf @ e.t()
+        with torch.autocast(z.device.type, enabled=False):  # fp32 under a bf16 autocast: near-ties stay resolved
+            e = self.codebook().float()
+            zf = z.reshape(-1, z.shape[-1]).float()
+            d = zf.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * zf @ e.t()
         return d.argmin(1).view(z.shape[:-1])
 
     @torch.no_grad()
@@ -258,7 +259,7 @@ class VQModel(nn.Module):
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """[B,C,H,W] in [-1,1] -> unit-norm continuous latents [B,h,w,D] (before quantisation)."""
-        return F.normalize(self.quant_conv(self.encoder(images)).permute(0, 2, 3, 1), dim=-1)
+        return F.normalize(self.quant_conv(self.encoder(images)).float().permute(0, 2, 3, 1), dim=-1)  # fp32
 
     def encode_indices(self, images: torch.Tensor) -> torch.Tensor:
         """[B,C,H,W] in [-1,1] -> code indices LongTensor [B,h,w] (raster order = GPT token order)."""
@@ -368,7 +369,7 @@ class Attention(nn.Module):
                 raise ValueError("a multi-token step through the KV cache must start at position 0")
             cache[0][:, :, start:start + T], cache[1][:, :, start:start + T] = k, v
             k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_p, is_causal=T > 1)  # one query sees all keys
+        y = layers.attention(q, k, v, dropout_p=attn_p, is_causal=T > 1)  # one query sees all keys
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -86,8 +86,10 @@ class Base:
 class Runtime:
     nproc: int = num("processes the training stages run on (> 1: torchrun on this machine, gloo on CPU, one GPU "
                      "per process with NCCL; every batch size must split evenly)", lo=1)
-    precision: str = choice(("fp32", "bf16"), "autocast of the AR networks' training (teachers, DD1, DD2); "
-                            "tokenizers, the feature classifier and the closed-form flow stay fp32")
+    precision: str = choice(("auto", "fp32", "bf16"), "autocast of every training (feature classifier, tokenizers, "
+                            "teachers, DD1, DD2); auto = bf16 where the device has native bf16 (a CUDA GPU, a CPU with "
+                            "avx512_bf16 / amx_bf16), else fp32. Sampling, pair building, vector quantisation and "
+                            "the closed-form flow stay fp32")
     torch_compile: bool = flag("torch.compile the loss of every stage's train.fit (DD2's distillation loop runs "
                                "eagerly)")
 

@@ -76,7 +76,8 @@ class FitConfig:
     ckpt_every: int = 100         # steps between checkpoints (and one at the end)
     log_every: int = 10
     seed: int = 0
-    precision: str = "fp32"       # "bf16": the loss runs under bf16 autocast (weights, optimizer and EMA stay fp32)
+    precision: str = "fp32"       # "bf16" (or "auto" resolving to it): the loss runs under bf16 autocast (weights,
+                                  # optimizer and EMA stay fp32)
     torch_compile: bool = False   # torch.compile the loss function (model calls included)
 
     @classmethod
@@ -137,9 +138,38 @@ def deterministic(device: torch.device | str):
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for precision "bf16" (weights and optimizer state stay fp32), a no-op for "fp32"."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` does bf16 arithmetic natively: a CUDA GPU that supports it, or a CPU whose flags include
+    avx512_bf16 or amx_bf16 (elsewhere bf16 is emulated and slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """runtime.precision on `device`: "auto" → "bf16" where `native_bf16`, else "fp32"; fp32 / bf16 as given."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast(device: torch.device | str, precision: str):
+    """bf16 autocast where `precision` resolves to "bf16" on `device` (weights and optimizer state stay fp32), a
+    no-op for "fp32"."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=resolve_precision(precision, device) == "bf16")
 
 
 @torch.no_grad()
@@ -309,8 +339,8 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
     n, device, world, rank = n.pop(), torch.device(device), dist.world(), dist.rank()
     if cfg.batch_size % world:
         raise ValueError(f"fit: batch_size {cfg.batch_size} does not split evenly across {world} processes")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"fit: precision must be fp32 or bf16, got {cfg.precision!r}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"fit: precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     torch.manual_seed(cfg.seed + rank)  # (ranks draw different dropout masks)
     model.to(device).train()
     dist.broadcast_module(model)

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import io, var_tokenizer
+from . import io, layers, var_tokenizer
 
 VAR_CONFIGS = {  # build_vae_var(depth): width 64 * depth, heads = depth, drop path 0.1 * depth / 24
     **{f"d{d}": dict(vocab_size=4096, z_channels=32, num_classes=1000, depth=d, embed_dim=64 * d, num_heads=d,
@@ -83,7 +83,7 @@ class SelfAttention(nn.Module):
                 k, v = torch.cat((self.kv[0], k), 2), torch.cat((self.kv[1], v), 2)
             self.kv = (k, v)
         mask = None if attn_bias is None else attn_bias.to(q.dtype)  # SDPA wants a mask of q's dtype (autocast)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = layers.attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 

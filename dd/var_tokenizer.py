@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import io
+from . import io, layers
 
 RELEASE_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 256 px, L = 680
 TINY_PATCH_NUMS = (1, 2, 3, 4, 6, 8)  # 32 px, L = 130
@@ -86,7 +86,7 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # each [B, HW, C]
-        h = F.scaled_dot_product_attention(q, k, v)  # default scale C^-1/2, as upstream
+        h = layers.attention(q, k, v)  # default scale C^-1/2, as upstream
         return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
 
 
@@ -235,7 +235,9 @@ class MultiScaleQuantizer(nn.Module):
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """z [N, C] -> nearest raw code [N]; same distance expression as upstream, so near-ties break alike."""
         e = self.embedding.weight.detach()
-        d = torch.addmm(z.square().sum(1, keepdim=True) + e.square().sum(1), z, e.T, alpha=-2)
+        with torch.autocast(z.device.type, enabled=False):  # fp32 under a bf16 autocast: near-ties stay resolved
+            z = z.float()
+            d = torch.addmm(z.square().sum(1, keepdim=True) + e.square().sum(1), z, e.T, alpha=-2)
         return d.argmin(1)
 
     def forward(self, f: torch.Tensor):
@@ -244,6 +246,10 @@ class MultiScaleQuantizer(nn.Module):
         vq = mean over scales of beta * |sg(f_hat_k) - f|^2 + |f_hat_k - sg(f)|^2 (f_hat_k: the running sum);
         z holds every vector that was matched against the codebook (the candidates for dead-code restarts).
         """
+        with torch.autocast(f.device.type, enabled=False):  # the residual recursion in fp32 under a bf16 autocast
+            return self._forward(f.float())
+
+    def _forward(self, f: torch.Tensor):
         B, C, H, W = f.shape
         SN = len(self.patch_nums)
         f_ng = f.detach()
@@ -365,10 +371,12 @@ class VQVAE(nn.Module):
         scales 2..n+1)."""
         self._check_scales(h_list)
         K = self.patch_nums[-1]
-        f_hat, nexts = h_list[0].new_zeros(h_list[0].shape[0], self.z_channels, K, K), []
-        for si, pn in enumerate(self.patch_nums[:n]):
-            f_hat, nxt = self.next_scale_input(si, f_hat, to_map(h_list[si], pn))
-            nexts.append(nxt.flatten(2).transpose(1, 2))
+        dtype = torch.promote_types(h_list[0].dtype, torch.float32)  # bf16 vectors (autocast) are taken in fp32
+        f_hat, nexts = h_list[0].new_zeros(h_list[0].shape[0], self.z_channels, K, K, dtype=dtype), []
+        with torch.autocast(f_hat.device.type, enabled=False):  # the recursion in fp32 under a bf16 autocast
+            for si, pn in enumerate(self.patch_nums[:n]):
+                f_hat, nxt = self.next_scale_input(si, f_hat, to_map(h_list[si], pn).to(dtype))
+                nexts.append(nxt.flatten(2).transpose(1, 2))
         return f_hat, nexts
 
     def teacher_forcing_input_from_embeddings(self, h_list: list[torch.Tensor]) -> torch.Tensor:

@@ -142,3 +142,51 @@ def test_methods_speed_times_batch_one_apart_from_the_large_batch(monkeypatch):
     for part in ("tokens", "end_to_end"):
         s = out["fast"][part]
         assert len(s["latency_rounds_s"]) == 10 and s["latency_s"] > 0 and s["throughput_img_s"] > 0
+
+
+@pytest.mark.parametrize("which", ["llamagen", "var"])
+def test_quantisation_stays_fp32_under_bf16_autocast(which, tiny, tiny_var):
+    """Under the bf16 autocast of a tokenizer's training (runtime.precision bf16 / auto), the nearest-code search
+    and VAR's residual recursion run in fp32: the same latents give the same codes as without autocast, and the
+    training loss still runs (its convs in bf16)."""
+    fam, tok, _ = tiny if which == "llamagen" else tiny_var
+    torch.manual_seed(1)
+    cb = fam.codebook(tok)
+    a = torch.randint(len(cb), (4096,))
+    b = (a + torch.randint(1, len(cb), (4096,))) % len(cb)
+    z = 0.5 * (cb[a] + cb[b]) + 2e-3 * (cb[a] - cb[b])  # just on code a's side of the a | b boundary: near-ties
+    if which == "llamagen":
+        z = torch.nn.functional.normalize(z, dim=-1)
+    want = tok.quantize.nearest(z)
+    assert torch.equal(want, torch.cdist(z.double(), cb.double()).argmin(1))  # (a bf16 search misses ~30 %)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(tok.quantize.nearest(z), want)
+        assert torch.equal(tok.quantize.nearest(z.bfloat16()), tok.quantize.nearest(z.bfloat16().float()))
+        x = torch.rand(2, 3, 32, 32) * 2 - 1
+        loss, parts = copy.deepcopy(tok).train().loss(x)
+    assert loss.dtype == torch.float32 and math.isfinite(parts["loss"])
+    if which == "var":
+        f = torch.randn(2, cb.shape[1], 8, 8)
+        ref = tok.quantize(f)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = tok.quantize(f)
+            x_in = tok.teacher_forcing_input(ref[1])
+        assert got[0].dtype == torch.float32 and all(torch.equal(a, b) for a, b in zip(got[1], ref[1]))
+        assert x_in.dtype == torch.float32 and torch.equal(x_in, tok.teacher_forcing_input(ref[1]))
+
+
+def test_attention_stays_fp32_under_cpu_autocast():
+    """dd.layers.attention: plain SDPA without autocast; under a CPU bf16 autocast it runs in fp32 (the mask too)
+    and equals the fp32 result on the same inputs."""
+    from dd import layers
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    mask = torch.zeros(5, 5).masked_fill(torch.ones(5, 5).triu(1).bool(), float("-inf"))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(layers.attention(q, k, v, attn_mask=mask), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layers.attention(q, k, v, attn_mask=mask.bfloat16())
+        causal = layers.attention(q, k, v, is_causal=True)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(causal, want, atol=1e-6)

@@ -177,11 +177,49 @@ def test_bf16_autocast_trains_fp32_weights_close_to_fp32(tmp_path):
         assert all(p.dtype == torch.float32 for p in [*model.parameters(), *out["ema"].parameters()])
         runs[precision] = model.eval()
     assert seen[0] == torch.float32 and seen[-1] == torch.bfloat16
+    again = _model()  # the same seed in the same precision on the same CPU: the same weights, bit for bit
+    train.fit(again, loss, data, train.FitConfig(**{**CFG.__dict__, "precision": "bf16"}), tmp_path / "again.pt")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), runs["bf16"].state_dict().values()))
     fp32, bf16 = (_loss(runs[k], data).item() for k in ("fp32", "bf16"))
     assert bf16 < 2 * fp32 + 0.05 and bf16 < 0.5 * _loss(_model().eval(), data).item()
-    with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
         train.fit(_model(), loss, data, train.FitConfig(n_steps=1, batch_size=8, lr=1e-3, precision="fp16"),
                   tmp_path / "x.pt")
+
+
+def test_auto_precision_follows_the_cpu_flags(monkeypatch, tmp_path):
+    """runtime.precision "auto": bf16 on a CPU whose /proc/cpuinfo flags include avx512_bf16 or amx_bf16, fp32 on
+    one without (or without /proc/cpuinfo); "fp32" / "bf16" are taken as given; autocast follows the resolution."""
+    import builtins
+
+    real_open = builtins.open
+
+    def cpuinfo(flags):
+        def fake(path, *a, **kw):
+            if str(path) == "/proc/cpuinfo":
+                import io
+                return io.StringIO(f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {flags}\n")
+            return real_open(path, *a, **kw)
+        return fake
+
+    cpu = torch.device("cpu")
+    for flags, want in (("avx512f avx512_bf16", "bf16"), ("amx_tile amx_bf16", "bf16"), ("avx512f", "fp32")):
+        monkeypatch.setattr(builtins, "open", cpuinfo(flags))
+        assert train.native_bf16(cpu) == (want == "bf16")
+        assert train.resolve_precision("auto", cpu) == want
+        assert train.resolve_precision("fp32", cpu) == "fp32" and train.resolve_precision("bf16", cpu) == "bf16"
+        with train.autocast(cpu, "auto"):
+            assert torch.is_autocast_enabled("cpu") == (want == "bf16")
+
+    def missing(path, *a, **kw):
+        if str(path) == "/proc/cpuinfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **kw)
+    monkeypatch.setattr(builtins, "open", missing)
+    assert train.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(builtins, "open", real_open)
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        train.resolve_precision("fp16", cpu)
 
 
 def test_torch_compile_of_the_loss_matches_eager(tmp_path):
