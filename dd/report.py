@@ -74,7 +74,7 @@ def results(metrics_dir: Path) -> list[str]:
                 f"{m['latency_ms']:.1f}", f"{m['speedup']:.1f}×", _paper(fam, name)]) + " |")
     out += ["", f"{d['n_eval']:,} samples per method, the same labels for every method; ms / image: token generation "
             "at batch 1, median of interleaved rounds; speed-up over the teacher at batch 1. Measured on "
-            f"{_device(d)}."]
+            f"{_device(d)}" + (f"; {_precision(metrics_dir)}, sampling in fp32." if _precision(metrics_dir) else ".")]
     feats = _read(metrics_dir, "features")
     if feats and "patchwork_4px" in feats.get("sanity", {}):
         s = feats["sanity"]
@@ -88,6 +88,16 @@ def results(metrics_dir: Path) -> list[str]:
 def _device(d: dict) -> str:
     """The device an evaluate.json was measured on (older files name only `cpu`: add threads and torch)."""
     return d["device"] if "torch" in d["device"] else f"{d['device']}, {d['threads']} threads, torch {d['torch']}"
+
+
+def _precision(metrics_dir: Path) -> str | None:
+    """"training in bf16" (or "fp32", or both): the precision the stages' metrics files say they trained in."""
+    found = set()
+    for f in sorted(Path(metrics_dir).glob("*.json")):
+        p = json.loads(f.read_text()).get("precision")
+        if isinstance(p, str):
+            found.add(p)
+    return f"training in {' and '.join(sorted(found))} (`runtime.precision`)" if found else None
 
 
 def stage_times(reports: Path) -> list[str]:
@@ -106,8 +116,9 @@ def stage_times(reports: Path) -> list[str]:
         return ["(no executed notebooks in `reports/` yet)"]
     parts = [f"`{stage}` " + " / ".join(f"{m:.1f}" for m in t.values()) for stage, t in rows.items()]
     total = sum(m for t in rows.values() for m in t.values())
-    d = _read(reports / "metrics", "evaluate")
-    return [", ".join(parts) + f"; **total {total:.1f}**" + (f" on {_device(d)}." if d else ".")]
+    d, precision = _read(reports / "metrics", "evaluate"), _precision(reports / "metrics")
+    return [", ".join(parts) + f"; **total {total:.1f}**" + (f" on {_device(d)}" if d else "")
+            + (f", {precision}" if precision else "") + "."]
 
 
 # DD2 Tab. 3 and Tab. 8: wall-clock hours on one node of 8 A800s (DD1's pair building not itemised).

@@ -79,3 +79,15 @@ def test_paper_costs_table_from_the_scale_file(tmp_path):
     assert "| build_trajectories | 1.8 | 1.8 |" in lines and "| train_dd2 (GTS) | not measured | not measured |" in lines
     assert lines[-1].startswith("Wall-clock hours on a node of 8 × NVIDIA H200")
     assert "pairs measured at 32 flow steps" in lines[-1] and "VAR-d16: DD1 296.9" in lines[-1]
+
+
+def test_figures_name_the_training_precision(tmp_path):
+    """The stage line and the results table say which precision the stages trained in (their metrics files'
+    top-level `precision`; nested per-method precision figures are not mistaken for it)."""
+    metrics = _reports(tmp_path)
+    for name in ("train_dd1_llamagen", "train_teacher_var"):
+        (metrics / f"{name}.json").write_text(json.dumps({"precision": "bf16", "methods": {"x": {"precision": 0.5}}}))
+    assert report.stage_times(metrics.parent)[0].endswith(
+        "on cpu, 2 threads, torch 2.x, training in bf16 (`runtime.precision`).")
+    assert any(line.endswith("training in bf16 (`runtime.precision`), sampling in fp32.")
+               for line in report.results(metrics))
