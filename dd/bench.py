@@ -112,7 +112,7 @@ def methods_speed(f, table: dict, big_batch: int, repeats: int = 5, seed: int = 
         out = {}
         for name, m in table.items():
             out[name, "tokens"] = lambda m=m: m.generate(labels[:b], noise[:b], seed)
-            out[name, "end_to_end"] = lambda m=m: decode(f.tok, m.generate(labels[:b], noise[:b], seed)[1])
+            out[name, "end_to_end"] = lambda m=m: decode(f.tok, m.generate(labels[:b], noise[:b], seed)[1], m.normalize)
         return out
 
     def rounds(cs: dict, n: int, warm: int, prime: bool) -> dict:

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import flow, llamagen, var, var_tokenizer
+from . import flow, io, llamagen, var, var_tokenizer
 from .trajectories import perturb, step_ends  # noqa: F401 (part of this module's API: X^t and the step table)
 
 CONT_LOSSES = ("embed", "decoded", "none")
@@ -379,16 +379,17 @@ def sample_mixed(model: DD1Model, teacher, tok, noise: torch.Tensor, labels: tor
 DECODE_PIXELS = 2 ** 20  # image pixels decoded at once (1,024 images at 32 px, 16 at 256 px)
 
 
-def decode(tok, emb: torch.Tensor) -> torch.Tensor:
+def decode(tok, emb: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """Per-position embeddings [B, L, D] (codes or continuous-head outputs, not snapped) → images [B, 3, S, S] in
-    [-1, 1]. LlamaGen: the h×w grid (raster order; the decoder L2-normalises); VAR: the per-scale blocks through
+    [-1, 1]. LlamaGen: the h×w grid (raster order; the decoder L2-normalises, unless normalize=False: the released
+    DD1 models' continuous outputs are decoded as they are); VAR: the per-scale blocks through
     the residual f_hat recursion. In chunks of DECODE_PIXELS pixels: a 256 px decoder's activations are ~100 MB
     per image. Differentiable (used by `dd1_loss(cont_loss="decoded")`)."""
     B, L, D = emb.shape
     if isinstance(tok, llamagen.VQModel):
         side = math.isqrt(L)
         pixels = (side * tok.downsample_factor) ** 2
-        run = lambda e: tok.decode_embeddings(e.reshape(len(e), side, side, D)).clamp(-1, 1)  # noqa: E731
+        run = lambda e: tok.decode_embeddings(e.reshape(len(e), side, side, D), normalize).clamp(-1, 1)  # noqa: E731
     elif isinstance(tok, var_tokenizer.VQVAE):
         pixels = (tok.patch_nums[-1] * tok.downsample) ** 2
         run = lambda e: tok.decode_embeddings(list(e.split([p * p for p in tok.patch_nums], 1)))  # noqa: E731
@@ -396,3 +397,112 @@ def decode(tok, emb: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"decode: expected a llamagen.VQModel or var_tokenizer.VQVAE, got {type(tok).__name__}")
     chunk = max(1, DECODE_PIXELS // pixels)
     return run(emb) if B <= chunk else torch.cat([run(e) for e in emb.split(chunk)])
+
+
+# ---- the released DD1 models (microsoft/distilled_decoding) --------------------------------------------------------
+
+OFFICIAL_STATE = {"llamagen": "ema", "var": "trainer.ema_parameters"}  # where the release's samplers read the EMA
+OFFICIAL_RAW = {"llamagen": "model", "var": "trainer.var_wo_ddp"}       # the raw (non-EMA) weights
+OFFICIAL_SPLIT = {"llamagen-B": 80, "llamagen-L": 130, "var-d16": 5, "var-d20": 4, "var-d24": 4}  # README split_t
+_VAR_BUFFERS = ("lvl_1L", "attn_bias_for_masking")  # rebuilt from patch_nums; a file may hold them or not
+
+
+def _official_family(sd: dict, path) -> str:
+    """Which release a state dict is: LlamaGen-DD, VAR-DD, or a plain teacher (an error that says so)."""
+    dd = "n_d_embed.weight" in sd and any(k.startswith("final_layer_conti.") for k in sd)
+    if "layers.0.attention.wqkv.weight" in sd:
+        if dd:
+            return "llamagen"
+        raise ValueError(f"{path}: a LlamaGen teacher checkpoint, not a DD1 model (no n_d_embed / final_layer_conti);"
+                         f" load it with teacher.llamagen.source: official")
+    if "blocks.0.attn.mat_qkv.weight" in sd:
+        if dd and any(k.startswith("layerwise_n_d_embed.") for k in sd):
+            return "var"
+        raise ValueError(f"{path}: a VAR teacher checkpoint, not a DD1 model (no n_d_embed / layerwise_n_d_embed); "
+                         f"load it with teacher.var.source: official")
+    raise ValueError(f"{path}: neither a LlamaGen-DD nor a VAR-DD checkpoint (first keys: {sorted(sd)[:8]})")
+
+
+def load_official(path, family: str, ema: bool = True, grid_size: int = 16, patch_nums=None,
+                  n_head: int | None = None, trusted: bool = False) -> DD1Model:
+    """A released DD1 model (`LlamaGen-DD/llamagen-{B,L}.pt`, `VAR-DD/var-d{16,20,24}.pth`) as a DD1Model on CPU in
+    eval mode, with sizes inferred from the weights and every key loaded strictly (the release's samplers load with
+    strict=False; a mismatch here lists the missing, unexpected and mis-shaped keys).
+
+    Weights: the EMA the release samples from (LlamaGen-DD `ckpt["ema"]`, VAR-DD
+    `ckpt["trainer"]["ema_parameters"]`), or with ema=False the raw ones (`["model"]`, `["trainer"]["var_wo_ddp"]`);
+    a raw state dict or a .safetensors file is read as it is. VAR's deterministic buffers (level ids, attention
+    mask) are rebuilt from patch_nums (default: the release's 1..16) and must equal the file's where it holds them.
+    grid_size: tokens per side of LlamaGen (16 for 256 px); n_head: attention heads, not in the weights (default:
+    the release's: LlamaGen dim // 64, VAR from scale_mul_1H11, else depth). A file of the other family, or a
+    teacher instead of a DD1 model, is an error that says so. Official training files may pickle Python objects:
+    `trusted` allows them. Sample it with `sample(..., split=...)` at the release's split (`OFFICIAL_SPLIT`) and
+    decode LlamaGen's output with `decode(..., normalize=False)`, as the release does.
+    """
+    if family not in OFFICIAL_STATE:
+        raise ValueError(f"load_official: unknown family {family!r}; families: {', '.join(OFFICIAL_STATE)}")
+    entries = OFFICIAL_STATE if ema else OFFICIAL_RAW
+    errors = []  # the family's entry; else the other family's (to name a wrong family); a raw state dict as it is
+    for entry in dict.fromkeys([entries[family], *entries.values()]):
+        try:
+            sd, _ = io.read_state_dict(path, entry, trusted)
+            break
+        except ValueError as e:
+            if "raw state dict" in str(e):
+                sd, _ = io.read_state_dict(path, "model", trusted)
+                break
+            if not str(e).startswith(f"{path}: no "):
+                raise
+            errors.append(e)
+    else:
+        raise errors[0]
+    found = _official_family(sd, path)
+    if found != family:
+        raise ValueError(f"{path}: a {found} DD1 checkpoint, but it was given as family {family!r}")
+    need = functools.partial(io.require_key, sd, path=path, what=f"{family} DD1")
+    if family == "llamagen":
+        dim, D = need("tok_embeddings.weight")
+        cfg = {"vocab_size": need("output.weight")[0], "dim": dim,
+               "num_classes": need("cls_embedding.embedding_table.weight")[0] - 1,
+               "n_layer": io.count_indices(sd, r"layers\.(\d+)\."),
+               "ffn_hidden": need("layers.0.feed_forward.w1.weight")[0], "grid_size": grid_size,
+               "n_head": n_head or llamagen._RELEASE_HEADS.get(dim, dim // 64)}
+        with torch.device("meta"):
+            teacher = llamagen.GPT(**cfg).config
+            model = DD1Model("llamagen", teacher, D)  # no buffers: every tensor comes from the file
+    else:
+        C, D = need("word_embed.weight")
+        depth = io.count_indices(sd, r"blocks\.(\d+)\.")
+        pns = var_tokenizer.check_patch_nums(patch_nums or var_tokenizer.RELEASE_PATCH_NUMS)
+        L, rows = sum(p * p for p in pns), need("pos_1LC")[1]
+        if rows != L + 1:
+            raise ValueError(f"{path}: pos_1LC has {rows} rows but patch_nums {list(pns)} give L + 1 = {L + 1} "
+                             f"(the start slot and L tokens)")
+        sm = sd.get("blocks.0.attn.scale_mul_1H11")
+        cfg = {"vocab_size": need("head.weight")[0], "z_channels": D, "num_classes": need("class_emb.weight")[0] - 1,
+               "depth": depth, "embed_dim": C, "num_heads": n_head or (sm.shape[1] if sm is not None else depth),
+               "mlp_ratio": need("blocks.0.ffn.fc1.weight")[0] / C, "attn_l2_norm": sm is not None,
+               "patch_nums": list(pns)}
+        with torch.device("meta"):
+            teacher = var.VAR(**cfg).config
+        model = DD1Model("var", teacher, D)  # on CPU: the level ids and the mask are built here
+        own = model.state_dict()
+        for k in [k for k in own if k.split(".")[-1] in (*_VAR_BUFFERS, "zero_k_bias")]:
+            if k not in sd:
+                sd[k] = own[k]
+            elif sd[k].shape == own[k].shape and not torch.equal(sd[k].to(own[k].dtype), own[k]):
+                raise ValueError(f"{path}: buffer {k} differs from the one patch_nums {list(pns)} give; the file's "
+                                 f"model was built with other patch_nums")
+    return io.load_strict(model, sd, path)
+
+
+
+def check_fits(model: DD1Model, codebook: torch.Tensor, ends: list[int], what: str) -> None:
+    """A loaded DD1 model must read the teacher's embedding space: its codes [V, D] and token layout `ends`; `what`
+    names the file in the error (a released model needs the tokenizer and teacher it was distilled from)."""
+    have, want = (model.vocab_size, model.D, model.ends), (codebook.shape[0], codebook.shape[1], list(ends))
+    if have != want:
+        raise ValueError(f"{what} holds a DD1 model of {have[0]} codes x {have[1]} dims over {have[2][-1]} tokens in "
+                         f"{len(have[2])} AR steps, but the teacher has {want[0]} x {want[1]} over {want[2][-1]} in "
+                         f"{len(want[2])}: a released DD1 model needs the tokenizer and teacher it was distilled "
+                         f"from (teacher.<family>.source: official)")

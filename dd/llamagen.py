@@ -265,9 +265,10 @@ class VQModel(nn.Module):
         """[B,C,H,W] in [-1,1] -> code indices LongTensor [B,h,w] (raster order = GPT token order)."""
         return self.quantize.nearest(self.encode_latents(images))
 
-    def decode_embeddings(self, z: torch.Tensor) -> torch.Tensor:
-        """Continuous code vectors [B,h,w,D] (L2-normalised here, like the codebook) -> images [B,C,H,W]."""
-        z = F.normalize(z, dim=-1).permute(0, 3, 1, 2)
+    def decode_embeddings(self, z: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Continuous code vectors [B,h,w,D] -> images [B,C,H,W]; L2-normalised first like the codebook, or with
+        normalize=False decoded as they are (upstream's `decode`, as the released DD1 sampler decodes)."""
+        z = (F.normalize(z, dim=-1) if normalize else z).permute(0, 3, 1, 2)
         return self.decoder(self.post_quant_conv(z))
 
     def decode_indices(self, idx: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,7 @@ class Method:
     n_params: int  # parameters of the networks it runs (0: none)
     generate: Callable  # (labels [B], noise [B, L, D], seed) → (tokens [B, L], emb [B, L, D])
     train_seconds: float | None  # wall time its training took (teacher: tokenizer + AR model); None: no training
+    normalize: bool = True  # decode: L2-normalise LlamaGen embeddings first (False: as they are, as the release's DD1)
 
 
 def _params(*models) -> int:
@@ -148,11 +149,12 @@ def build(f: Family, skips: list[int] = (), multistep: list[int] | None = None, 
             return dd1.sample_mixed(f.dd1, f.teacher, f.tok, noise, labels, cb, c["t2"], c["mixed_start"],
                                     f.sampling, c["split"], gens(seed)[0])
 
-        out["dd1 1-step"] = Method("dd1 1-step", 1, n1, dd1_fn((0,)), secs)
-        out["dd1 2-step"] = Method("dd1 2-step", 2, n1, dd1_fn((0, c["t2"])), secs)
+        norm = c.get("source", "train") != "official"  # a released DD1 model is decoded as the release does
+        out["dd1 1-step"] = Method("dd1 1-step", 1, n1, dd1_fn((0,)), secs, norm)
+        out["dd1 2-step"] = Method("dd1 2-step", 2, n1, dd1_fn((0, c["t2"])), secs, norm)
         name = f"dd1 mixed {c['mixed_start']}-{c['t2']}"
         steps = (1 if c["mixed_start"] > 0 else 0) + (c["t2"] - c["mixed_start"]) + 1
-        out[name] = Method(name, steps, n1 + n_teacher, mixed_fn, secs)
+        out[name] = Method(name, steps, n1 + n_teacher, mixed_fn, secs, norm)
     if f.dd2 is not None:
         n2, secs = _params(f.dd2), f.train_seconds.get("dd2")
 

@@ -224,6 +224,9 @@ class BuildTrajectories:
 
 @dataclass(frozen=True)
 class TrainDD1:
+    source: str = choice(("train", "official"), "train DD1 here, or evaluate a released DD1 model (`path`; the "
+                         "training knobs are then unused)")
+    path: str = text("official: the released DD1 file (LlamaGen-DD/llamagen-B.pt, VAR-DD/var-d16.pth)")
     t_train: list = ints("AR steps t of the training points X^t (0 = pure noise; the 2-step t2 belongs here)",
                          lo=0)
     t2: int = num("AR steps given as data in the second step of 2-step and teacher-mixed sampling", lo=1)
@@ -311,6 +314,12 @@ class Evaluate:
     latency_repeats: int = num("rounds of interleaved batch-1 timed calls (median), after one warm-up; the "
                                "large batch is timed in max(1, repeats // 10) rounds", lo=1)
     throughput_batch: int = num("batch size of the throughput measurement", lo=1)
+    metric_space: str = choice(("features", "inception"), "quality metrics: the feature space the pipeline trains "
+                          "(fid_<dataset>), or Inception from the files below (fid_inception, inception_score, "
+                          "Inception precision / recall: ImageNet-comparable)")
+    inception_weights: str = text("inception: the Inception weights (weights-inception-2015-12-05-6726825d.pth)")
+    inception_reference: str = text("inception: a reference batch .npz with mu and sigma (ADM's "
+                                     "VIRTUAL_imagenet256_labeled.npz); empty: the prepared test split's statistics")
     llamagen: EvaluateFamily = family_keys(EvaluateFamily, "the LlamaGen family's own keys")
     var: EvaluateFamily = family_keys(EvaluateFamily, "the VAR family's own keys")
 

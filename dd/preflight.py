@@ -175,9 +175,10 @@ def checkpoint_contents(path: str | Path):
 
 def state_dict_of(obj, which: str, path, is_tensor) -> tuple[dict, dict]:
     """(name → tensor, config) inside a loaded checkpoint: a raw state dict, or a wrapper holding it under "model",
-    "module" or "state_dict" (LlamaGen's sampler order), or under `which` when it is not "model", with an optional
-    dict "config" beside it. `module.` / `_orig_mod.` prefixes are stripped; `freqs_cis`, `*.kv_cache.*` and
-    entries that are not tensors are dropped. is_tensor(value) says what a tensor is. Errors name the file."""
+    "module" or "state_dict" (LlamaGen's sampler order), or under `which` when it is not "model" (a dotted path
+    such as "trainer.ema_parameters" descends into nested dicts), with an optional dict "config" beside it.
+    `module.` / `_orig_mod.` prefixes are stripped; `freqs_cis`, `*.kv_cache.*` and entries that are not tensors
+    are dropped. is_tensor(value) says what a tensor is. Errors name the file."""
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     config = {}
@@ -187,10 +188,15 @@ def state_dict_of(obj, which: str, path, is_tensor) -> tuple[dict, dict]:
     else:
         if isinstance(obj.get("config"), dict):
             config = obj["config"]
+        *outer, which = which.split(".")  # "trainer.ema_parameters": a state dict nested in dicts (VAR-DD)
+        for k in outer:
+            if not isinstance(obj.get(k), dict):
+                raise ValueError(f"{path}: no {k!r} entry in checkpoint (keys there: {sorted(obj)})")
+            obj = obj[k]
         keys = [which] if which != "model" else ["model", "module", "state_dict"]
         found = next((k for k in keys if isinstance(obj.get(k), dict)), None)
         if found is None:
-            raise ValueError(f"{path}: no {which!r} state dict in checkpoint (top-level keys: {sorted(obj)})")
+            raise ValueError(f"{path}: no {which!r} state dict in checkpoint (keys there: {sorted(obj)})")
         obj = obj[found]
     sd = {}
     for k, v in obj.items():
@@ -212,7 +218,10 @@ def checkpoint_shapes(path: str | Path, which: str = "model") -> dict[str, tuple
 # ------------------------------------------------------------------------------------------ the released models
 
 # (family, role) -> (what it is, keys only that model has); `teacher.<family>.<role>_path` names the file.
-KINDS = {
+KINDS = {  # (the DD1 models first: they hold their teacher's keys too)
+    ("llamagen", "dd1"): ("LlamaGen-DD (DD1) model", ("n_d_embed.weight", "tok_embeddings.bias",
+                                                      "layers.0.attention.wqkv.weight")),
+    ("var", "dd1"): ("VAR-DD (DD1) model", ("n_d_embed.weight", "layerwise_n_d_embed.0.weight", "pos_1LC")),
     ("llamagen", "tokenizer"): ("LlamaGen VQ tokenizer", ("encoder.conv_blocks.0.res.0.conv1.weight",
                                                           "quantize.embedding.weight")),
     ("llamagen", "teacher"): ("LlamaGen GPT", ("tok_embeddings.weight", "cls_embedding.embedding_table.weight")),
@@ -221,7 +230,9 @@ KINDS = {
     ("var", "teacher"): ("VAR transformer", ("word_embed.weight", "pos_1LC", "class_emb.weight")),
 }
 RELEASE_FILES = {("llamagen", "tokenizer"): "vq_ds16_c2i.pt", ("llamagen", "teacher"): "c2i_B_256.pt",
-                 ("var", "tokenizer"): "vae_ch160v4096z32.pth", ("var", "teacher"): "var_d16.pth"}
+                 ("var", "tokenizer"): "vae_ch160v4096z32.pth", ("var", "teacher"): "var_d16.pth",
+                 ("llamagen", "dd1"): "LlamaGen-DD/llamagen-B.pt", ("var", "dd1"): "VAR-DD/var-d16.pth"}
+DD1_ENTRIES = ("ema", "trainer.ema_parameters", "model")  # where the released DD1 files keep their weights
 
 
 def _kind_of(shapes: dict) -> str | None:
@@ -245,11 +256,58 @@ def official_shapes(family: str, role: str, value: str, root: Path) -> dict | No
         shapes = checkpoint_shapes(path)
     except ValueError as e:  # CheckpointError, or no state dict in the file
         raise ParamsError(f"params.yaml: {key} = {value!r}: {str(e).replace(f'{path}: ', '')}") from None
-    if shapes is not None and not all(k in shapes for k in needed):
+    if shapes is not None and (not all(k in shapes for k in needed) or _kind_of(shapes) != what):
         other = _kind_of(shapes)
         holds = f"holds a {other}" if other else f"holds no known model (first keys: {sorted(shapes)[:5]})"
         raise ParamsError(f"params.yaml: {key} = {value!r} {holds}, not a {what} (needs key {needed[0]!r})")
     return shapes
+
+
+def official_dd1_shapes(family: str, value: str, root: Path) -> dict | None:
+    """The key shapes of `train_dd1.<family>.path` (source: official), checked to be there and a DD1 model of the
+    family; the weights are looked up where the release keeps them (`DD1_ENTRIES`)."""
+    key, (what, needed) = f"train_dd1.{family}.path", KINDS[family, "dd1"]
+    if not value:
+        raise ParamsError(f"params.yaml: {key} is empty; train_dd1.{family}.source: official needs the released "
+                          f"{what} ({RELEASE_FILES[family, 'dd1']})")
+    path = Path(value) if Path(value).is_absolute() else root / value
+    shapes, why = None, None
+    for entry in DD1_ENTRIES:
+        try:
+            shapes = checkpoint_shapes(path, entry)
+            break
+        except CheckpointError as e:
+            raise ParamsError(f"params.yaml: {key} = {value!r}: {str(e).replace(f'{path}: ', '')}") from None
+        except ValueError as e:  # no such entry: the next one
+            why = why or str(e).replace(f"{path}: ", "")
+    else:
+        raise ParamsError(f"params.yaml: {key} = {value!r}: {why}")
+    if shapes is not None and _kind_of(shapes) != what:
+        other = _kind_of(shapes)
+        holds = f"holds a {other}" if other else f"holds no known model (first keys: {sorted(shapes)[:5]})"
+        raise ParamsError(f"params.yaml: {key} = {value!r} {holds}, not a {what} (needs keys {list(needed)})")
+    return shapes
+
+
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WHERE = (f"the 2015-12-05 Inception weights in PyTorch layout: torch-fidelity's {INCEPTION_WEIGHTS} (its "
+                   f"GitHub release assets) or pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+REFERENCE_WHERE = ("a reference batch .npz with mu and sigma, e.g. ADM's VIRTUAL_imagenet256_labeled.npz (the "
+                   "reference batches of openai/guided-diffusion's evaluations), or empty for the test split's")
+
+
+def inception_files(ev, root: Path) -> None:
+    """evaluate.metric_space: inception needs a weights file, and a reference file where one is named."""
+    if ev.metric_space != "inception":
+        return
+    if not ev.inception_weights:
+        raise ParamsError(f"params.yaml: evaluate.inception_weights is empty; evaluate.metric_space: inception "
+                          f"needs {INCEPTION_WHERE}")
+    for key, value, where in (("inception_weights", ev.inception_weights, INCEPTION_WHERE),
+                              ("inception_reference", ev.inception_reference, REFERENCE_WHERE)):
+        path = Path(value) if Path(value).is_absolute() else root / value
+        if value and not path.is_file():
+            raise ParamsError(f"params.yaml: evaluate.{key} = {value!r}: no such file; expected {where}")
 
 
 def _size_error(image_size: int, need: int, why: str) -> ParamsError:
@@ -260,8 +318,11 @@ def check(cfg: dict, root: Path) -> None:
     """Every check of this module on validated params (`dd.params.load`'s result), for the families the pipeline
     runs (pipeline.families); raises ParamsError."""
     size = cfg["prepare"].image_size
+    inception_files(cfg["evaluate"], root)
     for family in cfg["pipeline"].families:
         teacher = cfg["teacher"][family]
+        if cfg["train_dd1"][family].source == "official":
+            official_dd1_shapes(family, cfg["train_dd1"][family].path, root)
         if teacher.source == "official":
             tok = official_shapes(family, "tokenizer", teacher.tokenizer_path, root)
             net = official_shapes(family, "teacher", teacher.teacher_path, root)

@@ -72,8 +72,11 @@ def results(metrics_dir: Path) -> list[str]:
             out.append("| " + " | ".join([
                 name, str(m["steps"]), f"{m[fid]:.1f}", f"{m['recall']:.3f}", f"{m['class_acc']:.1%}",
                 f"{m['latency_ms']:.1f}", f"{m['speedup']:.1f}×", _paper(fam, name)]) + " |")
-    out += ["", f"{d['n_eval']:,} samples per method, the same labels for every method; ms / image: token generation "
-            "at batch 1, median of interleaved rounds; speed-up over the teacher at batch 1. Measured on "
+    space = ("Quality from Inception (`evaluate.metric_space: inception`): Inception FID, precision and recall "
+             "against the reference batch; class accuracy from the pipeline's classifier. "
+             if d.get("metric_space") == "inception" else "")
+    out += ["", f"{space}{d['n_eval']:,} samples per method, the same labels for every method; ms / image: token "
+            "generation at batch 1, median of interleaved rounds; speed-up over the teacher at batch 1. Measured on "
             f"{_device(d)}" + (f"; {_precision(metrics_dir)}, sampling in fp32." if _precision(metrics_dir) else ".")]
     feats = _read(metrics_dir, "features")
     if feats and "patchwork_4px" in feats.get("sanity", {}):

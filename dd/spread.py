@@ -45,7 +45,7 @@ def run(seeds: list[int], names=METHODS, n_eval: int = 1000, batch_size: int = 2
             noise = torch.randn(len(labels), *f.shape, generator=torch.Generator().manual_seed(s)).to(device)
             for name in names:
                 _, emb = methods.run(table[name], labels, noise, s, batch_size)
-                images = dd1.decode(f.tok, emb).cpu()
+                images = dd1.decode(f.tok, emb, table[name].normalize).cpu()
                 q = metrics.sample_metrics(net, ref, images, labels.cpu(), meta["dataset"], meta["k_nn"], device)
                 rows.append({"family": family, "method": name, "seed": s, **q})
     return rows

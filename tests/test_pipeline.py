@@ -150,3 +150,63 @@ def test_sensitivity_benchmark_reproduces_the_reported_distances(toy_repo):
     for x in checked:  # the raw penultimate space is the evaluation's own: same images, same figure
         assert x["fd_penultimate"] == pytest.approx(x[key], rel=1e-4, abs=1e-6), x
     assert (tmp / "reports/benchmarks/fs.png").is_file()
+
+
+def test_evaluate_scores_a_released_layout_dd1_model(toy_repo, tmp_path):
+    """train_dd1.<family>.source: official: the toy's DD1 weights written in the release layouts (LlamaGen-DD
+    {"ema", "model"}, VAR-DD {"trainer": {"ema_parameters", "var_wo_ddp"}}) are loaded strictly in place of training
+    and scored by evaluate beside every other method; VAR's figures equal the trained model's (the same weights;
+    LlamaGen's continuous positions are now decoded unnormalised, as the release decodes them)."""
+    from safetensors.torch import load_file
+
+    tmp, env, _ = toy_repo
+    repo = tmp_path / "repo"
+    shutil.copytree(tmp, repo)
+    env = dict(env, DD_ROOT=str(repo))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for fam in ("llamagen", "var"):
+        sd = load_file(repo / f"data/train_dd1/{fam}/dd1.safetensors")
+        torch.save({"ema": sd, "model": sd, "steps": 6} if fam == "llamagen" else
+                   {"trainer": {"ema_parameters": sd, "var_wo_ddp": sd}}, repo / f"{fam}-dd.pt")
+        params["train_dd1"][fam].update(source="official", path=f"{fam}-dd.pt")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in (["train_dd1", "--family", "llamagen"], ["train_dd1", "--family", "var"], ["evaluate"]):
+        r = subprocess.run([sys.executable, "-m", "dd.stage", *args], cwd=repo, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    key = "fid_fmnist" if FMNIST.exists() else "fid_mnist5k"
+    before, after = (io.read_json(root / "reports/metrics/evaluate.json") for root in (tmp, repo))
+    for fam in ("llamagen", "var"):
+        assert io.read_json(repo / f"reports/metrics/train_dd1_{fam}.json")["train_seconds"] == 0
+        assert {"dd1 1-step", "dd1 2-step", "teacher"} <= set(after[fam]) and after[fam]["dd1 1-step"][key] > 0
+    assert after["var"]["dd1 1-step"][key] == pytest.approx(before["var"]["dd1 1-step"][key], abs=1e-6)
+    params["train_dd1"]["var"]["path"] = "llamagen-dd.pt"  # the other family's file stops before any compute
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    r = subprocess.run([sys.executable, "-m", "dd.stage", "train_dd1", "--family", "var"], cwd=repo, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "train_dd1.var.path = 'llamagen-dd.pt' holds a LlamaGen-DD (DD1) model" in r.stderr
+
+
+def test_evaluate_with_inception_metrics_from_random_weights(toy_repo, tmp_path):
+    """evaluate.metric_space: inception with a random-weight file in torch-fidelity's layout: the table's quality
+    columns become fid_inception / inception_score / Inception precision and recall (the reference: the test
+    split's statistics), on CPU, end to end."""
+    from dd import inception
+
+    tmp, env, _ = toy_repo
+    repo = tmp_path / "repo"
+    shutil.copytree(tmp, repo)
+    env = dict(env, DD_ROOT=str(repo))
+    inception.write_random_weights(repo / "checkpoints" / inception.WEIGHTS)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["evaluate"].update(metric_space="inception", inception_weights=f"checkpoints/{inception.WEIGHTS}")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    r = subprocess.run([sys.executable, "-m", "dd.stage", "evaluate"], cwd=repo, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ev = io.read_json(repo / "reports/metrics/evaluate.json")
+    assert ev["fid_key"] == "fid_inception" and ev["metric_space"] == "inception"
+    for fam in ("llamagen", "var"):
+        for name, m in ev[fam].items():
+            assert m["fid_inception"] >= 0 and m["inception_score"] >= 1 - 1e-9, (fam, name)
+            assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and 0 <= m["class_acc"] <= 1
+    assert (repo / "data/evaluate/inception_reference.npz").is_file()

@@ -201,3 +201,51 @@ def test_dd_stage_stops_before_any_compute(released):
         "error: params.yaml: teacher.var.teacher_path = 'c2i_B_256.pt' holds a LlamaGen GPT, not a VAR transformer "
         "(needs key 'word_embed.weight')"]
     assert seconds < 10
+
+
+# the released DD1 files' signature keys, in their layouts (LlamaGen-DD: "ema"; VAR-DD: ["trainer"]["ema_parameters"])
+LLAMAGEN_DD = {**GPT, **_sd(**{"n_d_embed.weight": (2, 8), "tok_embeddings.bias": (8,)})}
+VAR_DD = {**VAR, **_sd(**{"n_d_embed.weight": (2, 8), "layerwise_n_d_embed.0.weight": (8, 8)})}
+
+
+@pytest.mark.parametrize("family, value, message", [
+    ("llamagen", "", r"^params.yaml: train_dd1.llamagen.path is empty; train_dd1.llamagen.source: official needs "
+                     r"the released LlamaGen-DD \(DD1\) model \(LlamaGen-DD/llamagen-B.pt\)$"),
+    ("var", "nowhere.pth", r"^params.yaml: train_dd1.var.path = 'nowhere.pth': no such file$"),
+    ("var", "llamagen-B.pt", r"^params.yaml: train_dd1.var.path = 'llamagen-B.pt' holds a LlamaGen-DD \(DD1\) "
+                             r"model, not a VAR-DD \(DD1\) model"),
+    ("llamagen", "c2i_B_256.pt", r"holds a LlamaGen GPT, not a LlamaGen-DD \(DD1\) model"),
+    ("llamagen", "var-d16.pth", r"^params.yaml: train_dd1.llamagen.path = 'var-d16.pth' holds a VAR-DD \(DD1\) "
+                                r"model, not a LlamaGen-DD \(DD1\) model"),
+])
+def test_released_dd1_files_are_checked(released, family, value, message):
+    torch.save({"ema": LLAMAGEN_DD, "model": LLAMAGEN_DD, "steps": 1}, released / "llamagen-B.pt")
+    torch.save({"trainer": {"ema_parameters": VAR_DD, "var_wo_ddp": VAR_DD}}, released / "var-d16.pth")
+    raw = _official()
+    for fam, path in (("llamagen", "llamagen-B.pt"), ("var", "var-d16.pth")):
+        raw["train_dd1"][fam].update(source="official", path=path)
+    _check(released, raw)  # both released files pass
+    raw["train_dd1"][family]["path"] = value
+    with pytest.raises(ParamsError, match=message) as err:
+        _check(released, raw)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ParamsError, match="teacher.llamagen.teacher_path = 'llamagen-B.pt' holds a LlamaGen-DD"):
+        _check(released, _official(llamagen={"teacher_path": "llamagen-B.pt"}))  # a DD1 file is not a teacher
+
+
+def test_inception_metrics_need_their_files(released):
+    raw = _params()
+    raw["evaluate"]["metric_space"] = "inception"
+    with pytest.raises(ParamsError, match=r"^params.yaml: evaluate.inception_weights is empty; evaluate.metric_space: "
+                                          r"inception needs the 2015-12-05 Inception weights .*"
+                                          r"weights-inception-2015-12-05-6726825d.pth"):
+        _check(released, raw)
+    raw["evaluate"]["inception_weights"] = "inception.pth"
+    with pytest.raises(ParamsError, match=r"evaluate.inception_weights = 'inception.pth': no such file; expected "):
+        _check(released, raw)
+    (released / "inception.pth").write_bytes(b"x")
+    _check(released, raw)  # (the weights are checked when evaluate loads them); the test split is the reference
+    raw["evaluate"]["inception_reference"] = "VIRTUAL_imagenet256_labeled.npz"
+    with pytest.raises(ParamsError, match=r"inception_reference = 'VIRTUAL_imagenet256_labeled.npz': no such file; "
+                                          r"expected a reference batch .npz with mu and sigma"):
+        _check(released, raw)
