@@ -141,7 +141,8 @@ def units(cfg: dict, families=("llamagen", "var"), seed: int = 0) -> list[tuple[
                 with train.autocast(torch.device("cpu"), precision):
                     fam.encode(tok, images[:500])
             return call
-        out.append((f"{family} tokenising 500 images", "train_tokenizer", 70000 // 500, encode))
+        n_images = (cfg["prepare"].max_train or 60000) + (cfg["prepare"].max_test or 10000)  # Fashion-MNIST's
+        out.append((f"{family} tokenising 500 images", "train_tokenizer", n_images // 500, encode))
 
         def teacher_step(precision, fam=fam, tok=tok, mcfg=mcfg, tokens=tokens):
             torch.manual_seed(seed)

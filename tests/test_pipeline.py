@@ -152,12 +152,17 @@ def test_sensitivity_benchmark_reproduces_the_reported_distances(toy_repo):
     assert (tmp / "reports/benchmarks/fs.png").is_file()
 
 
-def test_evaluate_scores_a_released_layout_dd1_model(toy_repo, tmp_path):
+
+def test_evaluate_scores_released_dd1_models_with_inception_metrics(toy_repo, tmp_path):
     """train_dd1.<family>.source: official: the toy's DD1 weights written in the release layouts (LlamaGen-DD
-    {"ema", "model"}, VAR-DD {"trainer": {"ema_parameters", "var_wo_ddp"}}) are loaded strictly in place of training
-    and scored by evaluate beside every other method; VAR's figures equal the trained model's (the same weights;
-    LlamaGen's continuous positions are now decoded unnormalised, as the release decodes them)."""
+    {"ema", "model"}, VAR-DD {"trainer": {"ema_parameters", "var_wo_ddp"}}) are loaded strictly in place of training;
+    evaluate.metric_space: inception with a random-weight file in torch-fidelity's layout then scores every method
+    with fid_inception / inception_score / Inception precision and recall (reference: the test split), on CPU. VAR's
+    DD1 figures equal the trained model's (the same weights; LlamaGen's continuous positions are now decoded
+    unnormalised, as the release decodes them); a file of the other family stops before any compute."""
     from safetensors.torch import load_file
+
+    from dd import inception
 
     tmp, env, _ = toy_repo
     repo = tmp_path / "repo"
@@ -169,44 +174,25 @@ def test_evaluate_scores_a_released_layout_dd1_model(toy_repo, tmp_path):
         torch.save({"ema": sd, "model": sd, "steps": 6} if fam == "llamagen" else
                    {"trainer": {"ema_parameters": sd, "var_wo_ddp": sd}}, repo / f"{fam}-dd.pt")
         params["train_dd1"][fam].update(source="official", path=f"{fam}-dd.pt")
+    inception.write_random_weights(repo / "checkpoints" / inception.WEIGHTS)
+    params["evaluate"].update(metric_space="inception", inception_weights=f"checkpoints/{inception.WEIGHTS}")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for args in (["train_dd1", "--family", "llamagen"], ["train_dd1", "--family", "var"], ["evaluate"]):
         r = subprocess.run([sys.executable, "-m", "dd.stage", *args], cwd=repo, env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     key = "fid_fmnist" if FMNIST.exists() else "fid_mnist5k"
     before, after = (io.read_json(root / "reports/metrics/evaluate.json") for root in (tmp, repo))
+    assert after["fid_key"] == "fid_inception" and after["metric_space"] == "inception"
     for fam in ("llamagen", "var"):
         assert io.read_json(repo / f"reports/metrics/train_dd1_{fam}.json")["train_seconds"] == 0
-        assert {"dd1 1-step", "dd1 2-step", "teacher"} <= set(after[fam]) and after[fam]["dd1 1-step"][key] > 0
+        assert list(after[fam]) == list(before[fam])
+        for name, m in after[fam].items():
+            assert m["fid_inception"] >= 0 and m["inception_score"] >= 1 - 1e-9 and m[key] > 0, (fam, name)
+            assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and 0 <= m["class_acc"] <= 1
     assert after["var"]["dd1 1-step"][key] == pytest.approx(before["var"]["dd1 1-step"][key], abs=1e-6)
+    assert (repo / "data/evaluate/inception_reference.npz").is_file()
     params["train_dd1"]["var"]["path"] = "llamagen-dd.pt"  # the other family's file stops before any compute
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     r = subprocess.run([sys.executable, "-m", "dd.stage", "train_dd1", "--family", "var"], cwd=repo, env=env,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "train_dd1.var.path = 'llamagen-dd.pt' holds a LlamaGen-DD (DD1) model" in r.stderr
-
-
-def test_evaluate_with_inception_metrics_from_random_weights(toy_repo, tmp_path):
-    """evaluate.metric_space: inception with a random-weight file in torch-fidelity's layout: the table's quality
-    columns become fid_inception / inception_score / Inception precision and recall (the reference: the test
-    split's statistics), on CPU, end to end."""
-    from dd import inception
-
-    tmp, env, _ = toy_repo
-    repo = tmp_path / "repo"
-    shutil.copytree(tmp, repo)
-    env = dict(env, DD_ROOT=str(repo))
-    inception.write_random_weights(repo / "checkpoints" / inception.WEIGHTS)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["evaluate"].update(metric_space="inception", inception_weights=f"checkpoints/{inception.WEIGHTS}")
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    r = subprocess.run([sys.executable, "-m", "dd.stage", "evaluate"], cwd=repo, env=env, capture_output=True,
-                       text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    ev = io.read_json(repo / "reports/metrics/evaluate.json")
-    assert ev["fid_key"] == "fid_inception" and ev["metric_space"] == "inception"
-    for fam in ("llamagen", "var"):
-        for name, m in ev[fam].items():
-            assert m["fid_inception"] >= 0 and m["inception_score"] >= 1 - 1e-9, (fam, name)
-            assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and 0 <= m["class_acc"] <= 1
-    assert (repo / "data/evaluate/inception_reference.npz").is_file()
