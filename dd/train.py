@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -142,17 +143,23 @@ PRECISIONS = ("auto", "fp32", "bf16")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> tuple[str, ...]:
+    """The CPU's feature flags from /proc/cpuinfo (none where it cannot be read); read once per process."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return tuple(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return ()
+
+
 def native_bf16(device: torch.device | str) -> bool:
     """Whether `device` does bf16 arithmetic natively: a CUDA GPU that supports it, or a CPU whose flags include
     avx512_bf16 or amx_bf16 (elsewhere bf16 is emulated and slower than fp32)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return any(f in flags for f in BF16_CPU_FLAGS)
+    return any(f in _cpu_flags() for f in BF16_CPU_FLAGS)
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

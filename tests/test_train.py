@@ -205,6 +205,7 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch, tmp_path):
     cpu = torch.device("cpu")
     for flags, want in (("avx512f avx512_bf16", "bf16"), ("amx_tile amx_bf16", "bf16"), ("avx512f", "fp32")):
         monkeypatch.setattr(builtins, "open", cpuinfo(flags))
+        train._cpu_flags.cache_clear()  # (read once per process)
         assert train.native_bf16(cpu) == (want == "bf16")
         assert train.resolve_precision("auto", cpu) == want
         assert train.resolve_precision("fp32", cpu) == "fp32" and train.resolve_precision("bf16", cpu) == "bf16"
@@ -216,8 +217,10 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch, tmp_path):
             raise FileNotFoundError(path)
         return real_open(path, *a, **kw)
     monkeypatch.setattr(builtins, "open", missing)
+    train._cpu_flags.cache_clear()
     assert train.resolve_precision("auto", cpu) == "fp32"
     monkeypatch.setattr(builtins, "open", real_open)
+    train._cpu_flags.cache_clear()
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
         train.resolve_precision("fp16", cpu)
 
