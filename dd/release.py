@@ -172,7 +172,23 @@ def write_thin_release(folder: str | Path, n_classes: int = 3, per_class: int = 
                              "teacher_path": str(folder / net_file)}
     teacher["llamagen"]["grid_size"] = SIZE // 16
     return {"prepare": {"dataset": "imagefolder", "image_size": SIZE, "imagefolder_path": str(folder / "images")},
-            "teacher": teacher}
+            "teacher": teacher, "evaluate": _inception_files(folder, images)}
+
+
+def _inception_files(folder: Path, images: torch.Tensor) -> dict:
+    """The paper profiles' Inception metrics on stand-ins: random weights in torch-fidelity's layout and a
+    reference batch in ADM's layout (`arr_0`: a few of the images, NHWC; mu / sigma of their random-weight pool
+    features) → the evaluate keys that name them."""
+    import numpy as np
+
+    from . import inception
+
+    weights = inception.write_random_weights(folder / inception.WEIGHTS)
+    pool = inception.features(inception.load(weights), images[:8])[0]
+    mu, sigma = pool.mean(0).numpy(), np.cov(pool.numpy(), rowvar=False)
+    np.savez(folder / "VIRTUAL_imagenet256_labeled.npz", arr_0=images[:8].permute(0, 2, 3, 1).numpy(), mu=mu,
+             sigma=sigma)
+    return {"inception_weights": str(weights), "inception_reference": str(folder / "VIRTUAL_imagenet256_labeled.npz")}
 
 
 def _image_folder(folder: Path, n_classes: int, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,4 +70,6 @@ def test_evaluate_scores_every_method_of_the_family(run, family):
     assert skip in methods
     for name, m in methods.items():
         assert m["latency_ms"] > 0 and 0 <= m["class_acc"] <= 1, name
+        assert m["fid_inception"] >= 0 and m["inception_score"] >= 1 - 1e-9, name  # the profiles' Inception metrics
     assert (repo / "reports" / "09_evaluate.html").is_file()
+    assert json.loads((repo / "reports" / "metrics" / "evaluate.json").read_text())["fid_key"] == "fid_inception"
