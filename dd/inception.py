@@ -12,8 +12,8 @@ this project does not install, so the feature extractor's module is imported wit
     ref = inception.read_reference("VIRTUAL_imagenet256_labeled.npz")   # ADM's reference batch (mu, sigma, arr_0)
     inception.sample_metrics(net, ref, images)               # {"fid_inception", "inception_score", "precision", ...}
 
-Figures as ADM computes them: FID against the reference batch's stored mu / sigma (`metrics.frechet_distance`,
-sqrtm with the eps fallback); IS from the unbiased logits, softmax over 1,008 classes, mean over consecutive splits
+Figures as ADM computes them: FID against the reference batch's stored mu / sigma (`frechet_distance`: the same
+closed form through eigendecompositions, fast at 2,048 dimensions); IS from the unbiased logits, softmax over 1,008 classes, mean over consecutive splits
 of 5,000 (one split for fewer samples); precision / recall on pool features with k = 3 (`metrics.precision_recall`).
 
 References:
@@ -144,13 +144,25 @@ def reference_features(net, ref: dict, batch_size: int = 100, device="cpu") -> t
     return ref["feats"]
 
 
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """The Fréchet distance of `metrics.frechet_distance` for symmetric PSD covariances, through eigendecompositions
+    instead of scipy's sqrtm: tr (Σ1 Σ2)^½ = Σ √λ(Σ2^½ Σ1 Σ2^½). At 2,048 dimensions that is about a second where
+    sqrtm takes tens (twice when a covariance is singular); the two agree to ~1e-9 relative on full-rank ones."""
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    w, v = np.linalg.eigh(s2)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    lam = np.linalg.eigvalsh(root @ s1 @ root)
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
+
+
 def sample_metrics(net, ref: dict, images: torch.Tensor, k: int = 3, batch_size: int = 100, device="cpu") -> dict:
     """{"fid_inception", "inception_score", "precision", "recall"} of generated images [N, C, S, S] in [-1, 1]
     against a reference (`read_reference` / `write_reference`); precision / recall are None when the reference has
     neither features nor images."""
     pool, logits = features(net, images, batch_size, device)
     mu, sigma = metrics.feature_stats(pool)
-    out = {"fid_inception": metrics.frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
+    out = {"fid_inception": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
            "inception_score": inception_score(logits)}
     real = reference_features(net, ref, batch_size, device)
     out["precision"], out["recall"] = (None, None) if real is None else \

@@ -47,6 +47,20 @@ def test_frechet_distance_of_two_gaussians_matches_the_closed_form():
     assert metrics.frechet_between(x, x) == pytest.approx(0, abs=1e-8)
 
 
+def test_eigen_frechet_distance_equals_the_sqrtm_form():
+    """dd.inception.frechet_distance (eigendecompositions) against metrics.frechet_distance (sqrtm) on full-rank
+    covariances, and on the diagonal closed form."""
+    g = np.random.default_rng(0)
+    a, b = g.normal(size=(300, 40)), g.normal(size=(300, 40)) @ g.normal(size=(40, 40)) * 0.3
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    m1, m2 = a.mean(0), b.mean(0) + 1
+    assert inception.frechet_distance(m1, s1, m2, s2) == pytest.approx(metrics.frechet_distance(m1, s1, m2, s2),
+                                                                      rel=1e-8)
+    d1, d2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 1.0])
+    want = 1.0 + (d1 + d2 - 2 * np.sqrt(d1 * d2)).sum()
+    assert inception.frechet_distance(np.zeros(3), np.diag(d1), np.eye(3)[0], np.diag(d2)) == pytest.approx(want)
+
+
 def test_inception_score_closed_forms():
     """Uniform predictions: IS 1; n confident, equally used classes: IS n; ADM's consecutive splits are averaged."""
     assert inception.inception_score(torch.zeros(40, 1008)) == pytest.approx(1.0)

@@ -128,9 +128,9 @@ def test_methods_speed_times_batch_one_apart_from_the_large_batch(monkeypatch):
         def generate(labels, noise, seed):
             calls.append((name, len(labels)))
             return labels, noise
-        return SimpleNamespace(generate=generate)
+        return SimpleNamespace(generate=generate, normalize=True)
 
-    monkeypatch.setattr(dd1, "decode", lambda tok, emb: emb)
+    monkeypatch.setattr(dd1, "decode", lambda tok, emb, normalize=True: emb)
     f = SimpleNamespace(shape=(4, 2), teacher=SimpleNamespace(num_classes=3), device=torch.device("cpu"), tok=None)
     out = bench.methods_speed(f, {"teacher": method("teacher"), "fast": method("fast")}, big_batch=8, repeats=10)
     sizes = [b for _, b in calls]
