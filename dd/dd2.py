@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ardiff, dd1, dist, flow, io, metrics, train
+from . import ardiff, dd1, dist, flow, io, train
 
 
 # ---- 2. generator, guidance network, conditional score distillation --------------------------------------------
@@ -197,7 +196,8 @@ def distill(gen: ardiff.ARDiffusion, guide: ardiff.ARDiffusion, teacher, tok, co
     the checkpoint (every ckpt_every generator steps) holds both models, the generator's EMA, both optimizers and
     the RNG state, so an interrupted run resumes exactly. on_step(step, ema), when given, runs after every generator
     update (e.g. a quality curve; it must not draw from the global RNG); what it returns other than None is kept in
-    the checkpoint and returned as "records", so a resumed run's curve is whole. Returns {"history", "ema",
+    the checkpoint with the training seconds up to that step ("train_seconds") and returned as "records", so a
+    resumed run's curve is whole (`dd.probe.Probe` is such a hook). Returns {"history", "ema",
     "resumed_from", "aligned", "records", "seconds"}: seconds without on_step, summed over resumed runs.
 
     Under torchrun (`dd.dist`, `dd.launch`) every process takes rows rank::world of each global batch (labels,
@@ -253,10 +253,7 @@ def distill(gen: ardiff.ARDiffusion, guide: ardiff.ARDiffusion, teacher, tok, co
                 run.log({"step": run.step, **train.mean_over_ranks({"fcs": fcs, **logs}),
                          "lr_gen": opt_g.param_groups[0]["lr"], "guide_updates": v["n_guide"]}, "csd", "fcs")
             if on_step is not None and dist.is_main():  # before the checkpoint, which keeps what it returns
-                with run.untimed():
-                    record = on_step(run.step, ema)
-                if record is not None:
-                    v["records"].append(record)
+                run.record(on_step, ema)
             if run.due(cfg.ckpt_every):
                 run.save()
             run.bar.update(1)
@@ -266,34 +263,15 @@ def distill(gen: ardiff.ARDiffusion, guide: ardiff.ARDiffusion, teacher, tok, co
             "records": v["records"], "seconds": run.seconds()}
 
 
-class Probe:
-    """`distill`'s on_step: every `every` generator steps (and at the last, `last`), the feature-space metrics
-    (`metrics.sample_metrics`) of the EMA generator's one-step samples for fixed labels [N] and noise [N, L, D].
-    Returns the step's {"step", <fid name>, "class_acc"} row (None between probes), which `distill` keeps in its
-    checkpoint; `records` also collects the rows of this object's calls, `seconds` the time they took."""
-
-    def __init__(self, tok, net, ref, dataset: str, k_nn: int, labels, noise, every: int, last: int,
-                 batch_size: int = 250, device="cpu"):
-        self.tok, self.net, self.ref, self.dataset, self.k_nn = tok, net, ref, dataset, k_nn
-        self.labels, self.noise, self.every, self.last = labels, noise, every, last
-        self.batch_size, self.device = batch_size, device
-        self.records, self.seconds = [], 0.0
-
-    @torch.no_grad()
-    def __call__(self, step: int, ema: ardiff.ARDiffusion) -> dict | None:
-        if step % self.every and step != self.last:
-            return None
-        t0 = time.perf_counter()
-        x = dd1.in_batches(lambda e, y: generate(ema, self.tok, e, y), self.noise, self.labels, self.batch_size)
-        m = metrics.sample_metrics(self.net, self.ref, dd1.decode(self.tok, x).cpu(), self.labels.cpu(),
-                                   self.dataset, self.k_nn, self.device)
-        fid = metrics.fid_name(self.dataset)
-        self.records.append({"step": step, fid: m[fid], "class_acc": m["class_acc"]})
-        self.seconds += time.perf_counter() - t0
-        return self.records[-1]
-
-
 # ---- 3. sampling ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def one_step(gen: ardiff.ARDiffusion, eps: torch.Tensor, labels: torch.Tensor, tok, codebook: torch.Tensor):
+    """The one-step generator's sample of noise eps [B, L, D] → (tokens [B, L]: the nearest codes, embeddings
+    [B, L, D]: its continuous vectors); the argument order of `dd.probe.Probe`'s sampler."""
+    x = generate(gen, tok, eps, labels)
+    return flow.nearest_code(x.reshape(-1, x.shape[-1]), codebook.to(x)).view(x.shape[:2]), x
+
 
 @torch.no_grad()
 def sample_multistep(gen: ardiff.ARDiffusion, teacher, tok, eps: torch.Tensor, labels: torch.Tensor,
@@ -304,11 +282,10 @@ def sample_multistep(gen: ardiff.ARDiffusion, teacher, tok, eps: torch.Tensor, l
     n_ar = len(gen.ends)
     if not 1 <= k <= n_ar:
         raise ValueError(f"sample_multistep: k must be in [1, {n_ar}], got {k}")
-    x = generate(gen, tok, eps, labels)
-    cb = codebook.to(x)
-    tokens = flow.nearest_code(x.reshape(-1, x.shape[-1]), cb).view(x.shape[:2])
+    tokens, x = one_step(gen, eps, labels, tok, codebook)
     if k == 1:
         return tokens, x
+    cb = codebook.to(x)
     tokens = dd1.teacher_steps(teacher, tok, tokens, labels, n_ar - (k - 1), n_ar, sampling, generator)
     first = ([0, *gen.ends])[n_ar - (k - 1)]
     keep = (torch.arange(gen.L, device=x.device) < first)[None, :, None]

@@ -8,7 +8,7 @@ With nproc = 1 this is the plain call. With nproc > 1 the call is pickled to `<c
 checkpoint, `torchrun --standalone --nproc_per_node N -m dd.launch <job>` runs it on every process (`dd.dist`:
 gloo on CPU, NCCL with one GPU per process), and rank 0 pickles back its return value and its copies of the
 arguments: the caller's modules receive the trained weights (and train / eval modes), other `dd` objects passed
-in (e.g. a `dd2.Probe`) their state. The training functions (`train.fit`, `dd2.distill`,
+in (e.g. a `dd.probe.Probe`) their state. The training functions (`train.fit`, `dd2.distill`,
 `ardiff.adapt_continuous_input`, `trajectories.build`) split each global batch across the processes themselves.
 
 The stages launch on one machine; across machines, scripts call the training functions under torchrun's

@@ -243,6 +243,8 @@ class TrainDD1:
     warmup_steps: int = num("linear warm-up steps", lo=0)
     ema_decay: float = num("EMA decay of the evaluated weights (0: evaluate the raw weights; ema_decay ** n_steps "
                            "must be <= 0.05)", lo=0.0, hi=0.99999)
+    eval_every: int = num("training steps between probe evaluations of the EMA weights (min(500, n_eval) one-step "
+                          "samples, the same labels and noise as DD2's probe)", lo=1)
     n_eval: int = num("samples per method for the metrics (the teacher samples' labels)", lo=10)
     eval_batch: int = num("sampling batch size", lo=1)
 
@@ -314,6 +316,8 @@ class Evaluate:
     latency_repeats: int = num("rounds of interleaved batch-1 timed calls (median), after one warm-up; the "
                                "large batch is timed in max(1, repeats // 10) rounds", lo=1)
     throughput_batch: int = num("batch size of the throughput measurement", lo=1)
+    spread_draws: int = num("noise draws behind the spread of DD1's and DD2's one-step figures (the evaluation's "
+                            "own draw and base.seed + 1, ...)", lo=1)
     metric_space: str = choice(("features", "inception"), "quality metrics: the feature space the pipeline trains "
                           "(fid_<dataset>), or Inception from the files below (fid_inception, inception_score, "
                           "Inception precision / recall: ImageNet-comparable)")

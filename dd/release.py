@@ -142,13 +142,13 @@ TINY_COUNTS = {
                        for f in ("llamagen", "var")},
     "build_trajectories": {f: {"n_pairs": 20, "shard_size": 10, "build_batch": 10, "flow_steps": 4, "n_check": 10,
                                "convergence_steps": [2, 4]} for f in ("llamagen", "var")},
-    "train_dd1": {f: {"n_steps": 2, "batch_size": 2, "warmup_steps": 1, "ema_decay": 0.0, "n_eval": 10,
-                      "eval_batch": 5} for f in ("llamagen", "var")},
+    "train_dd1": {f: {"n_steps": 2, "batch_size": 2, "warmup_steps": 1, "ema_decay": 0.0, "eval_every": 1,
+                      "n_eval": 10, "eval_batch": 5} for f in ("llamagen", "var")},
     "train_dd2": {f: {"n_gts_samples": 10, "sample_batch": 5, "mlp_steps": 3, "adapt_steps": 1, "head_width": 16,
                       "head_depth": 1, "gts_head_steps": 2, "gts_full_steps": 1, "gts_batch": 2, "n_noise": 1,
                       "n_euler": 2, "n_steps": 2, "batch_size": 2, "warmup_steps": 1, "eval_every": 1, "n_eval": 10,
                       "n_eval_ardiff": 10} for f in ("llamagen", "var")},
-    "evaluate": {"n_eval": 10, "eval_batch": 5, "latency_repeats": 1, "throughput_batch": 2},
+    "evaluate": {"n_eval": 10, "eval_batch": 5, "latency_repeats": 1, "throughput_batch": 2, "spread_draws": 2},
 }
 
 

@@ -88,6 +88,36 @@ def results(metrics_dir: Path) -> list[str]:
     return out
 
 
+def costs(metrics_dir: Path) -> list[str]:
+    """Per family, DD1 against DD2 on their training probes: budgets, both at the same cost, the final one-step
+    figures with their spread over noise draws, and where DD2 reaches DD1's final quality (`evaluate.json` "cost")."""
+    d = _read(metrics_dir, "evaluate")
+    if not d or not d.get("cost"):
+        return ["(no DD1 / DD2 probe curves in `reports/metrics/evaluate.json` yet: run `make repro`)"]
+    fid = d["fid_key"]
+    any_c = next(iter(d["cost"].values()))
+    out = ["| family | budget DD1 / DD2 (min) | probe at equal cost: DD1 / DD2 (DD2 / DD1) | probe at the end: DD1 / DD2 "
+           f"(teacher) | {fid} 1-step, DD1 / DD2 | DD2 reaches DD1's end |", "|---|---:|---:|---:|---:|---|"]
+    for fam, c in d["cost"].items():
+        at, fin, s = c["at_equal_cost"], c["final"], c["final_1step"]
+        ratio = "–" if c["ratio_at_equal_cost"] is None else f"{c['ratio_at_equal_cost']:.2f}"
+        reach = c["dd2_reaches_dd1_final_seconds"]
+        out.append(f"| {FAMILIES.get(fam, fam)} | {c['budget_seconds']['dd1'] / 60:.1f} / "
+                   f"{c['budget_seconds']['dd2'] / 60:.1f} | "
+                   + " / ".join("–" if at[m] is None else f"{at[m]:.1f}" for m in ("dd1", "dd2"))
+                   + f" ({ratio}) at {c['equal_cost_seconds'] / 60:.1f} min | {fin['dd1']:.1f} / {fin['dd2']:.1f} "
+                   f"({c['teacher_probe']:.1f}) | "
+                   + " / ".join(f"{s[m]['mean']:.1f} ± {s[m]['sd']:.1f}" for m in ("dd1 1-step", "dd2 1-step"))
+                   + " | " + ("not within its budget" if reach is None else
+                              f"at {reach / 60:.1f} min ({c['dd2_reaches_dd1_final_share']:.0%} of DD1's)") + " |")
+    draws = next(iter(any_c["final_1step"].values()))["draws"]
+    out += ["", f"Probe: {any_c['probe_key']} of {any_c['n_probe']} one-step samples (fixed labels and noise, the "
+            f"same for both methods) during training; cost: cumulative wall minutes on {_device(d)} (DD1: pairs + "
+            "training; DD2: teacher samples + adaptation + GTS + distillation). The 1-step column: the evaluation's "
+            f"{d['n_eval']:,} samples, mean ± standard deviation over {draws} noise draws."]
+    return out
+
+
 def _device(d: dict) -> str:
     """The device an evaluate.json was measured on (older files name only `cpu`: add threads and torch)."""
     return d["device"] if "torch" in d["device"] else f"{d['device']}, {d['threads']} threads, torch {d['torch']}"
@@ -152,7 +182,7 @@ def paper_costs(reports: Path) -> list[str]:
 
 
 # name -> builder(metrics_dir): the markers' name in README.md and what goes between them.
-BLOCKS = {"results": results, "stage-times": lambda metrics_dir: stage_times(metrics_dir.parent),
+BLOCKS = {"results": results, "cost": costs, "stage-times": lambda metrics_dir: stage_times(metrics_dir.parent),
           "paper-costs": lambda metrics_dir: paper_costs(metrics_dir.parent)}
 
 

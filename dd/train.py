@@ -257,6 +257,15 @@ class Run:
         finally:
             self._untimed += time.perf_counter() - t0
 
+    def record(self, probe: Callable, weights: nn.Module) -> None:
+        """probe(step, weights), untimed; a row it returns goes to values["records"] with the training seconds so
+        far ("train_seconds", the clock before the probe ran)."""
+        seconds = self.seconds()
+        with self.untimed():
+            row = probe(self.step, weights)
+        if row is not None:
+            self.values.setdefault("records", []).append({**row, "train_seconds": seconds})
+
     def save(self) -> None:
         """The checkpoint of the current step; every rank takes part (RNG states gathered), rank 0 writes."""
         rng = dist.gather(_rng_state())
@@ -331,14 +340,19 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg: FitConfig,
         ckpt_path: str | Path, device: torch.device | str = "cpu", desc: str = "train",
-        on_step: Callable | None = None) -> dict:
-    """Train `model` in place; return {"history": [...], "ema": module | None, "resumed_from": step, "seconds": s}.
+        on_step: Callable | None = None, probe: Callable | None = None) -> dict:
+    """Train `model` in place; return {"history": [...], "ema": module | None, "resumed_from": step, "seconds": s,
+    "records": [...]}.
 
     seconds: wall time of the training, summed over every run that built the checkpoint (a resumed run adds the
     time its predecessors spent, so a stage that resumes a finished checkpoint still reports what the training cost).
 
     data: tensors `[N, ...]` sharing N; each step passes `{k: v[rows].to(device)}` to `loss_fn(model, batch)`.
-    on_step(model, step): optional hook after each optimizer step (e.g. codebook restarts).
+    on_step(model, step): optional hook after each optimizer step (e.g. codebook restarts); part of the training.
+    probe(step, weights): optional reporting after each step on rank 0, given the evaluated weights (the EMA, or the
+    model without one); not timed and must not draw from the global RNG. What it returns other than None is kept,
+    with the training seconds up to that step as "train_seconds", in the checkpoint and in "records", so a resumed
+    run's curve is whole.
     """
     n = {len(v) for v in data.values()}
     if len(n) != 1:
@@ -357,7 +371,7 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=cfg.betas)
     run = Run(ckpt_path, cfg.n_steps, fingerprint(cfg, [model], data, n=n, **({"world": world} if world > 1 else {})),
-              {"model": model, "ema": ema, "optimizer": opt}, desc=desc, device=device)
+              {"model": model, "ema": ema, "optimizer": opt}, {"records": []}, desc=desc, device=device)
     run.resume()
     compute = torch.compile(loss_fn) if cfg.torch_compile else loss_fn
     with run.loop():
@@ -377,6 +391,8 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
             run.step += 1
             if on_step is not None:
                 on_step(model, run.step)
+            if probe is not None and dist.is_main():  # before the checkpoint, which keeps what it returns
+                run.record(probe, ema if ema is not None else model)
             if run.due(cfg.log_every):
                 means = mean_over_ranks({"loss": loss.item(), **logs})
                 run.log({"step": run.step, "loss": means.pop("loss"), "lr": lr, **means}, "loss")
@@ -384,4 +400,5 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
                 run.save()
             run.bar.update(1)
     model.eval()
-    return {"history": run.history, "ema": ema, "resumed_from": run.resumed_from, "seconds": run.seconds()}
+    return {"history": run.history, "ema": ema, "resumed_from": run.resumed_from, "seconds": run.seconds(),
+            "records": run.values["records"]}

@@ -32,8 +32,8 @@ TOY = {
                                  "convergence_steps": [4, 8]} for fam in ("llamagen", "var")},
     # (LlamaGen reads its last AR steps from the continuous head, VAR every position from the logits: both paths run)
     # (an EMA of 0.5 over 6 steps keeps 1.6 % of the initial weights: params reject more than 5 %)
-    "train_dd1": {fam: {"n_steps": 6, "batch_size": 8, "warmup_steps": 2, "ema_decay": 0.5, "n_eval": 20,
-                        "eval_batch": 10,
+    "train_dd1": {fam: {"n_steps": 6, "batch_size": 8, "warmup_steps": 2, "ema_decay": 0.5, "eval_every": 3,
+                        "n_eval": 20, "eval_batch": 10,
                         **({"split": 16, "cont_loss": "embed"} if fam == "llamagen" else {})}
                   for fam in ("llamagen", "var")},
     "train_dd2": {fam: {"n_gts_samples": 40, "sample_batch": 10, "mlp_steps": 5, "adapt_steps": 2, "head_width": 16,
@@ -113,6 +113,12 @@ def test_repro_writes_reports_data_and_metrics(toy_repo):
         assert ev["dd1 1-step"]["fid_fmnist" if FMNIST.exists() else "fid_mnist5k"] > 0
         assert all(m["latency_ms"] > 0 and m["teacher_nll_bits"] > 0 for m in ev.values())
         assert ev["onestep*"]["train_min"] is None and ev["dd1 1-step"]["train_min"] > 0
+        # both methods' probe curves (steps 0, 3, 6 / 0, 3) and both read at the smaller budget
+        assert [r["step"] for r in io.read_json(tmp / f"data/train_dd1/{fam}/meta.json")["probe_curve"]] == [0, 3, 6]
+        c = io.read_json(tmp / "reports/metrics/evaluate.json")["cost"][fam]
+        assert c["equal_cost_seconds"] == min(c["budget_seconds"].values()) > 0 and c["n_probe"] == 20
+        assert c["final_1step"]["dd2 1-step"]["draws"] == 3 and c["final_1step"]["dd1 1-step"]["sd"] > 0
+        assert (tmp / "reports/quality_vs_cost.png").stat().st_size > 0
         # the evaluation reproduces the training stage's own DD1 figure (same labels, same noise)
         key = "fid_fmnist" if FMNIST.exists() else "fid_mnist5k"
         assert abs(ev["dd1 1-step"][key] - d["methods"]["dd1 1-step"][key]) < 1e-6

@@ -91,3 +91,20 @@ def test_figures_name_the_training_precision(tmp_path):
         "on cpu, 2 threads, torch 2.x, training in bf16 (`runtime.precision`).")
     assert any(line.endswith("training in bf16 (`runtime.precision`), sampling in fp32.")
                for line in report.results(metrics))
+
+
+def test_cost_table_states_both_methods_at_equal_cost(tmp_path):
+    metrics = _reports(tmp_path)
+    assert report.costs(metrics)[0].startswith("(no DD1 / DD2 probe curves")
+    d = json.loads((metrics / "evaluate.json").read_text())
+    spread = {"dd1 1-step": {"mean": 13.04, "sd": 0.21, "draws": 3}, "dd2 1-step": {"mean": 25.5, "sd": 0.4, "draws": 3}}
+    d["cost"] = {"llamagen": {"budget_seconds": {"dd1": 600.0, "dd2": 630.0}, "final": {"dd1": 13.6, "dd2": 24.0},
+                              "equal_cost_seconds": 600.0, "at_equal_cost": {"dd1": 13.6, "dd2": 24.6},
+                              "ratio_at_equal_cost": 24.6 / 13.6, "dd2_reaches_dd1_final_seconds": None,
+                              "dd2_reaches_dd1_final_share": None, "probe_key": "fid_fmnist", "n_probe": 500,
+                              "teacher_probe": 12.9, "final_1step": spread}}
+    (metrics / "evaluate.json").write_text(json.dumps(d))
+    lines = report.costs(metrics)
+    assert lines[2] == ("| LlamaGen-style | 10.0 / 10.5 | 13.6 / 24.6 (1.81) at 10.0 min | 13.6 / 24.0 (12.9) | "
+                        "13.0 ± 0.2 / 25.5 ± 0.4 | not within its budget |")
+    assert "500 one-step samples" in lines[-1] and "over 3 noise draws" in lines[-1]

@@ -88,6 +88,36 @@ def test_interrupted_cuda_run_resumes(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_fit_probe_is_kept_across_a_resume_and_leaves_training_unchanged(tmp_path):
+    """probe(step, weights) sees the EMA, its rows carry the training seconds so far, an interrupted run's rows
+    survive in the checkpoint, and probing changes neither the weights nor the RNG stream of the training."""
+    data, seen = _setup(), []
+
+    def probe(step, weights):
+        seen.append(weights)
+        return {"step": step} if step % 20 == 0 else None
+
+    plain = _model()
+    train.fit(plain, _loss, data, CFG, tmp_path / "plain.pt")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_33(model, step):
+        if step == 33:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train.fit(_model(), _loss, data, CFG, tmp_path / "run.pt", on_step=kill_at_33, probe=probe)
+    probed = _model()
+    out = train.fit(probed, _loss, data, CFG, tmp_path / "run.pt", probe=probe)
+    assert [r["step"] for r in out["records"]] == [20, 40, 60]  # step 20's row came from the killed run
+    assert 0 < out["records"][0]["train_seconds"] < out["records"][-1]["train_seconds"] <= out["seconds"]
+    assert seen[-1] is out["ema"] and seen[-1] is not probed
+    for a, b in zip(plain.state_dict().values(), probed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_fit_runs_deterministic_kernels_and_restores_the_setting(tmp_path):
     seen = []
 
