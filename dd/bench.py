@@ -5,6 +5,7 @@ Run alone on the pipeline's trained models (after `dvc repro`), the same figures
     python -m dd.bench --family llamagen --method dd1 --steps 1
     python -m dd.bench --family var --method teacher --batch 64 --repeats 3
     python -m dd.bench --family llamagen --method skip --steps 48      # the teacher's first 48 AR steps
+    python -m dd.bench --family llamagen --method sjd --window 16      # speculative Jacobi decoding of the teacher
 
 References:
     PyTorch `torch.utils.benchmark` (warm-up, median, synchronisation); DD1 paper §5 (latency at batch 1 and
@@ -142,7 +143,7 @@ def paired_speedups(base: dict, other: dict) -> list[float]:
 def _method_name(method: str, steps: int | None, n_ar: int, table) -> str | None:
     if method == "mixed":
         return next((k for k in table if k.startswith("dd1 mixed")), None)
-    return {"teacher": "teacher", "onestep": "onestep*", "skip": f"skip-{n_ar - (steps or 0)}"}.get(
+    return {"teacher": "teacher", "onestep": "onestep*", "skip": f"skip-{n_ar - (steps or 0)}", "sjd": "sjd"}.get(
         method, f"{method} {steps or 1}-step")
 
 
@@ -150,15 +151,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dd.bench", description="Latency and throughput of one method "
                                  "on the pipeline's trained models (run `dvc repro` first).")
     ap.add_argument("--family", default="llamagen", choices=("llamagen", "var"))
-    ap.add_argument("--method", default="dd1", choices=("teacher", "skip", "onestep", "dd1", "mixed", "dd2"))
+    ap.add_argument("--method", default="dd1", choices=("teacher", "sjd", "skip", "onestep", "dd1", "mixed",
+                                                                "dd2"))
     ap.add_argument("--steps", type=int, default=None, help="dd1: 1 or 2; dd2: k; skip: AR steps kept")
+    ap.add_argument("--window", type=int, default=None, help="sjd: draft tokens per pass (default: params.yaml's "
+                    "evaluate.llamagen.sjd_window)")
+    ap.add_argument("--init", default=None, choices=("random", "repeat"), help="sjd: new drafts' start (default: "
+                    "params.yaml's)")
     ap.add_argument("--batch", type=int, default=256, help="batch size of the throughput measurement")
     ap.add_argument("--repeats", type=int, default=10, help="timed batch-1 rounds (median; the large batch: "
                     "repeats // 10, without a warm-up); one warm-up before the batch-1 rounds")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from . import io, methods
+    from . import io, methods, params
 
     dev = io.resolve_device(args.device)
     try:
@@ -173,7 +179,12 @@ def main(argv=None) -> int:
     skips = [n_ar - args.steps] if args.method == "skip" else []
     multistep = [args.steps] if args.method == "dd2" and (args.steps or 1) > 1 else []
     try:
-        table = methods.build(f, skips=skips, multistep=multistep)
+        sjd = {}
+        if args.method == "sjd":
+            ev = getattr(params.read_section("evaluate"), args.family, None)
+            sjd = {"sjd_window": args.window if args.window is not None else getattr(ev, "sjd_window", 16),
+                   "sjd_init": args.init or getattr(ev, "sjd_init", "random")}
+        table = methods.build(f, skips=skips, multistep=multistep, **sjd)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -185,7 +196,8 @@ def main(argv=None) -> int:
     both = methods_speed(f, {"teacher": table["teacher"], name: m}, args.batch, args.repeats, args.seed)
     speed, base = both[name], both["teacher"]
     print(f"{args.family} / {name}: {m.steps} sequential network evaluations, {m.n_params / 1e6:.2f}M parameters, "
-          f"device {dev}")
+          f"device {dev}" + (f"; {statistics.mean(m.passes):.1f} forward passes per image (mean of {len(m.passes)})"
+                             if m.passes else ""))
     for part in ("tokens", "end_to_end"):
         s, b = speed[part], base[part]
         paired = paired_speedups(b, s)

@@ -6,9 +6,9 @@
 
 A `Method` maps labels [B] and noise [B, L, D] to tokens [B, L] (nearest codes) and the per-position embeddings
 [B, L, D] that are decoded (codes, or DD1's continuous head / DD2's generator output left unsnapped). Methods that
-draw their own randomness (teacher, skip-n, onestep*, teacher-mixed, DD2 multi-step) derive it from `seed`, so a
-call is a pure function of its arguments. `steps` counts sequential network evaluations (AR steps; CFG runs its
-two halves in one batched pass).
+draw their own randomness (teacher, SJD, skip-n, onestep*, teacher-mixed, DD2 multi-step) derive it from `seed`,
+so a call is a pure function of its arguments. `steps` counts sequential network evaluations (AR steps; CFG runs its
+two halves in one batched pass); SJD's vary per image: `steps` is their most, `passes` records what each call took.
 
 References:
     - Liu et al., "Distilled Decoding 1" (DD1), arXiv 2412.17153, Table 1 (methods, #Step, time per image).
@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from . import ardiff, baselines, dd1, dd2, flow, io, params, teachers
+from . import ardiff, baselines, dd1, dd2, flow, io, params, sjd, teachers
 from .trajectories import load_pairs
 
 DIRS = dict(tokenizer="data/train_tokenizer", teacher="data/train_teacher", samples="data/sample_teacher",
@@ -60,6 +60,7 @@ class Method:
     generate: Callable  # (labels [B], noise [B, L, D], seed) → (tokens [B, L], emb [B, L, D])
     train_seconds: float | None  # wall time its training took (teacher: tokenizer + AR model); None: no training
     normalize: bool = True  # decode: L2-normalise LlamaGen embeddings first (False: as they are, as the release's DD1)
+    passes: list = field(default_factory=list)  # per image, sequential forward passes of every call (SJD: measured)
 
 
 def _params(*models) -> int:
@@ -105,10 +106,12 @@ def load(family: str, dirs: dict | None = None, device="cpu", need_students: boo
     return out
 
 
-def build(f: Family, skips: list[int] = (), multistep: list[int] | None = None, batch_size: int = 250) -> dict:
-    """{name: Method} for every method the family's parts allow, in the evaluation's order: teacher, skip-n for
-    each n in `skips`, onestep*, DD1 1-step / 2-step / teacher-mixed (its train_dd1 settings), DD2 1-step and
-    k-step for k in `multistep` (default: its train_dd2 settings)."""
+def build(f: Family, skips: list[int] = (), multistep: list[int] | None = None, batch_size: int = 250,
+          sjd_window: int = 0, sjd_init: str = "random") -> dict:
+    """{name: Method} for every method the family's parts allow, in the evaluation's order: teacher, speculative
+    Jacobi decoding of the teacher (LlamaGen, sjd_window > 0), skip-n for each n in `skips`, onestep*, DD1 1-step /
+    2-step / teacher-mixed (its train_dd1 settings), DD2 1-step and k-step for k in `multistep` (default: its
+    train_dd2 settings)."""
     dev, cb, ends, N = f.device, f.codebook, f.ends, len(f.ends)
     n_teacher = _params(f.teacher)
 
@@ -132,7 +135,16 @@ def build(f: Family, skips: list[int] = (), multistep: list[int] | None = None, 
                                         labels.cpu(), len(cb)).to(dev)
         return tokens, cb[tokens]
 
+    def sjd_fn(labels, noise, seed):
+        c = f.sampling
+        tokens, passes = sjd.generate(f.teacher.eval(), labels, c.cfg_scale, c.cfg_interval, c.temperature, c.top_k,
+                                      c.top_p, sjd_window, sjd_init, gens(seed)[0])
+        out["sjd"].passes.extend(passes.tolist())
+        return tokens, cb[tokens]
+
     out = {"teacher": Method("teacher", N, n_teacher, teacher_fn, f.train_seconds.get("teacher"))}
+    if sjd_window > 0 and f.name == "llamagen":  # (VAR already decodes a scale in one pass)
+        out["sjd"] = Method("sjd", N, n_teacher, sjd_fn, f.train_seconds.get("teacher"))
     for n in skips:
         if not 0 < n < N:
             raise ValueError(f"skip-n: n must be in [1, {N - 1}] for the {f.name} teacher ({N} AR steps), got {n}")

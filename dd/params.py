@@ -309,6 +309,14 @@ class EvaluateFamily:
 
 
 @dataclass(frozen=True)
+class EvaluateLlamaGen(EvaluateFamily):
+    sjd_window: int = num("speculative Jacobi decoding (the `sjd` row): draft tokens verified per forward pass "
+                          "(0: no SJD row)", lo=0)
+    sjd_init: str = choice(("random", "repeat"), "SJD: a new draft token starts uniform at random, or as the token "
+                           "to its left in the grid")
+
+
+@dataclass(frozen=True)
 class Evaluate:
     n_eval: int = num("samples per method (the teacher samples' labels; at most sample_teacher.F.n_samples)",
                       lo=10)
@@ -324,7 +332,7 @@ class Evaluate:
     inception_weights: str = text("inception: the Inception weights (weights-inception-2015-12-05-6726825d.pth)")
     inception_reference: str = text("inception: a reference batch .npz with mu and sigma (ADM's "
                                      "VIRTUAL_imagenet256_labeled.npz); empty: the prepared test split's statistics")
-    llamagen: EvaluateFamily = family_keys(EvaluateFamily, "the LlamaGen family's own keys")
+    llamagen: EvaluateLlamaGen = family_keys(EvaluateLlamaGen, "the LlamaGen family's own keys")
     var: EvaluateFamily = family_keys(EvaluateFamily, "the VAR family's own keys")
 
 

@@ -54,6 +54,12 @@ def _paper(family: str, method: str) -> str:
     return f"{row}: {fid}" + (f", {speedup:g}×" if speedup else "")
 
 
+def _steps(m: dict) -> str:
+    """Sequential forward passes: the fixed count, or (SJD) the measured mean and the most."""
+    passes = m.get("passes")
+    return str(m["steps"]) if passes is None or passes == m["steps"] else f"{passes:.1f} (≤ {m['steps']})"
+
+
 def results(metrics_dir: Path) -> list[str]:
     """One table, every method of `evaluate` per family: quality, batch-1 latency, speed-up, the paper's row."""
     d = _read(metrics_dir, "evaluate")
@@ -70,7 +76,7 @@ def results(metrics_dir: Path) -> list[str]:
         out.append(f"| **{title}** |" + " |" * (len(head) - 1))
         for name, m in methods.items():
             out.append("| " + " | ".join([
-                name, str(m["steps"]), f"{m[fid]:.1f}", f"{m['recall']:.3f}", f"{m['class_acc']:.1%}",
+                name, _steps(m), f"{m[fid]:.1f}", f"{m['recall']:.3f}", f"{m['class_acc']:.1%}",
                 f"{m['latency_ms']:.1f}", f"{m['speedup']:.1f}×", _paper(fam, name)]) + " |")
     space = ("Quality from Inception (`evaluate.metric_space: inception`): Inception FID, precision and recall "
              "against the reference batch; class accuracy from the pipeline's classifier. "
@@ -78,6 +84,12 @@ def results(metrics_dir: Path) -> list[str]:
     out += ["", f"{space}{d['n_eval']:,} samples per method, the same labels for every method; ms / image: token "
             "generation at batch 1, median of interleaved rounds; speed-up over the teacher at batch 1. Measured on "
             f"{_device(d)}" + (f"; {_precision(metrics_dir)}, sampling in fp32." if _precision(metrics_dir) else ".")]
+    for fam, c in (d.get("sjd") or {}).items():
+        t, j = c["teacher"], c["sjd"]
+        out += ["", f"`sjd` ({FAMILIES[fam]}): speculative Jacobi decoding of the teacher, {c['window']} draft tokens "
+                f"per pass ({c['init']} start), {c['passes']:.1f} forward passes per image for {c['tokens']} tokens; "
+                f"{fid} {j[fid + '_mean']:.1f} ± {j[fid + '_sd']:.1f} against the teacher's {t[fid + '_mean']:.1f} ± "
+                f"{t[fid + '_sd']:.1f} over {c['draws']} draws (lossless: the same distribution)."]
     feats = _read(metrics_dir, "features")
     if feats and "patchwork_4px" in feats.get("sanity", {}):
         s = feats["sanity"]

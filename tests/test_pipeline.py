@@ -107,12 +107,16 @@ def test_repro_writes_reports_data_and_metrics(toy_repo):
         assert not list((tmp / "data").rglob("*.job.pt"))  # launch.call cleans up after itself
         ev = io.read_json(tmp / "reports/metrics/evaluate.json")[fam]
         skip = "skip-16" if fam == "llamagen" else "skip-1"
-        assert list(ev) == ["teacher", skip, "onestep*", "dd1 1-step", "dd1 2-step", next(k for k in ev if "mixed" in k),
-                            "dd2 1-step", "dd2 2-step"]
+        assert list(ev) == ["teacher", *(["sjd"] if fam == "llamagen" else []), skip, "onestep*", "dd1 1-step",
+                            "dd1 2-step", next(k for k in ev if "mixed" in k), "dd2 1-step", "dd2 2-step"]
         assert ev["teacher"]["steps"] == steps and ev[skip]["steps"] == steps - (16 if fam == "llamagen" else 1)
         assert ev["dd1 1-step"]["fid_fmnist" if FMNIST.exists() else "fid_mnist5k"] > 0
         assert all(m["latency_ms"] > 0 and m["teacher_nll_bits"] > 0 for m in ev.values())
         assert ev["onestep*"]["train_min"] is None and ev["dd1 1-step"]["train_min"] > 0
+        if fam == "llamagen":  # SJD: measured passes, its draws against the teacher's
+            assert 1 <= ev["sjd"]["passes"] <= ev["sjd"]["steps"] == steps and ev["teacher"]["passes"] == steps
+            s = io.read_json(tmp / "reports/metrics/evaluate.json")["sjd"]["llamagen"]
+            assert s["draws"] == 3 and s["sjd"]["class_acc_sd"] >= 0 and s["passes"] == ev["sjd"]["passes"]
         # both methods' probe curves (steps 0, 3, 6 / 0, 3) and both read at the smaller budget
         assert [r["step"] for r in io.read_json(tmp / f"data/train_dd1/{fam}/meta.json")["probe_curve"]] == [0, 3, 6]
         c = io.read_json(tmp / "reports/metrics/evaluate.json")["cost"][fam]
@@ -140,6 +144,9 @@ def test_bench_entry_point_prints_the_speed_figures(toy_repo):
     assert "per round" in r.stdout
     r = subprocess.run(run + ["--method", "skip"], cwd=tmp, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "--method skip needs --steps" in r.stderr
+    r = subprocess.run(run + ["--method", "sjd", "--window", "4", "--batch", "4", "--repeats", "1"], cwd=tmp, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "llamagen / sjd" in r.stdout and "forward passes per image" in r.stdout, r.stderr[-2000:]
 
 
 def test_sensitivity_benchmark_reproduces_the_reported_distances(toy_repo):

@@ -12,9 +12,13 @@ def _reports(tmp_path):
     metrics = tmp_path / "reports" / "metrics"
     metrics.mkdir(parents=True)
     evaluate = {"fid_key": "fid_fmnist", "n_eval": 1000, "device": "cpu", "threads": 2, "torch": "2.x",
-                "llamagen": {"teacher": {**ROW, "steps": 64, "speedup": 1.0}, "dd1 1-step": ROW,
+                "llamagen": {"teacher": {**ROW, "steps": 64, "speedup": 1.0},
+                             "sjd": {**ROW, "steps": 64, "passes": 30.44, "speedup": 1.8}, "dd1 1-step": ROW,
                              "dd1 mixed 8-16": {**ROW, "steps": 10}, "dd2 2-step": {**ROW, "steps": 2}},
-                "var": {"teacher": {**ROW, "steps": 6, "speedup": 1.0}}}
+                "var": {"teacher": {**ROW, "steps": 6, "speedup": 1.0}},
+                "sjd": {"llamagen": {"window": 16, "init": "random", "passes": 30.44, "tokens": 64, "draws": 3,
+                                     "teacher": {"fid_fmnist_mean": 12.9, "fid_fmnist_sd": 0.31},
+                                     "sjd": {"fid_fmnist_mean": 13.1, "fid_fmnist_sd": 0.22}}}}
     (metrics / "evaluate.json").write_text(json.dumps(evaluate))
     for name, minutes in (("01_prepare", 0.5), ("07_train_dd1_llamagen", 2.0), ("07_train_dd1_var", 3.0)):
         nb = {"cells": [], "metadata": {"papermill": {"duration": minutes * 60}}}
@@ -37,6 +41,10 @@ def test_results_table_rows_and_paper_column(tmp_path):
     # a mixed setting is matched to the paper's row by its prefix; a method the paper lacks gets a dash
     assert "DD1 pre-trained-41-81: 6.20, 5.7×" in next(line for line in table if "dd1 mixed" in line)
     assert next(line for line in table if "dd2 2-step" in line).endswith("| – |")
+    # SJD's passes vary per image: the measured mean and the most; its draws against the teacher's below
+    assert next(line for line in table if line.startswith("| sjd |")).startswith("| sjd | 30.4 (≤ 64) | 12.5 |")
+    assert any("30.4 forward passes per image for 64 tokens; fid_fmnist 13.1 ± 0.2 against the teacher's 12.9 ± 0.3"
+               in line for line in lines)
 
 
 def test_stage_times_per_family_and_total(tmp_path):
