@@ -317,18 +317,19 @@ GPT_CONFIGS = {  # release sizes (head_dim 64 except GPT-3B); vocab 16384, 1000 
 }
 
 
-def rope_2d(grid_size: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
-    """2-D rotary table [1 + grid^2, head_dim/2, 2] of (cos, sin), with a ZERO row for the class token.
+def rope_2d(grid_size: int, head_dim: int, base: float = 10000.0, n_prefix: int = 1) -> torch.Tensor:
+    """2-D rotary table [n_prefix + grid^2, head_dim/2, 2] of (cos, sin), with ZERO rows for the condition prefix
+    (the class token; T2I: the caption's n_prefix = cls_token_num tokens).
 
     The first head_dim/4 pairs rotate with the row index, the rest with the column index (raster p = r*grid+c).
-    Because row 0 is zero (cos = sin = 0), the class token's q and k become zero, exactly as upstream.
+    Because the prefix rows are zero (cos = sin = 0), the prefix's q and k become zero, exactly as upstream.
     """
     half = head_dim // 2
     freqs = 1.0 / base ** (torch.arange(0, half, 2)[: half // 2].float() / half)  # [hd/4]
     ang = torch.outer(torch.arange(grid_size).float(), freqs)  # [grid, hd/4]
     grid = torch.cat([ang[:, None].expand(-1, grid_size, -1), ang[None].expand(grid_size, -1, -1)], -1)
     table = torch.stack([grid.cos(), grid.sin()], -1).flatten(0, 1)  # [grid^2, hd/2, 2]
-    return torch.cat([torch.zeros(1, half, 2), table])
+    return torch.cat([torch.zeros(n_prefix, half, 2), table])
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -358,8 +359,9 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(dim, 3 * dim, bias=False)  # rows [q; k; v]
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x, rope, cache=None, start=0, attn_p=0.0):
-        """x [B,T,dim]; cache = (k, v) buffers [B,H,S,hd] filled up to `start`, written in place."""
+    def forward(self, x, rope, cache=None, start=0, attn_p=0.0, mask=None):
+        """x [B,T,dim]; cache = (k, v) buffers [B,H,S,hd] filled up to `start`, written in place; mask: None
+        (causal) or the bool attention mask [B,1,T,start+T] (True: attend)."""
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim)
         q, k = apply_rope(qkv[:, :, :2], rope).unbind(2)  # [B,T,H,hd] each; q and k rotated in one op
@@ -370,7 +372,10 @@ class Attention(nn.Module):
                 raise ValueError("a multi-token step through the KV cache must start at position 0")
             cache[0][:, :, start:start + T], cache[1][:, :, start:start + T] = k, v
             k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
-        y = layers.attention(q, k, v, dropout_p=attn_p, is_causal=T > 1)  # one query sees all keys
+        if mask is None:
+            y = layers.attention(q, k, v, dropout_p=attn_p, is_causal=T > 1)  # one query sees all keys
+        else:
+            y = layers.attention(q, k, v, dropout_p=attn_p, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -395,9 +400,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg["dim"], cfg["norm_eps"])
         self.cfg = cfg
 
-    def forward(self, x, rope, cache=None, start=0, dropout=False):
+    def forward(self, x, rope, cache=None, start=0, dropout=False, mask=None):
         c = self.cfg
-        a = self.attention(self.attention_norm(x), rope, cache, start, c["attn_dropout_p"] if dropout else 0.0)
+        a = self.attention(self.attention_norm(x), rope, cache, start, c["attn_dropout_p"] if dropout else 0.0, mask)
         h = x + F.dropout(a, c["resid_dropout_p"], dropout)
         return h + F.dropout(self.feed_forward(self.ffn_norm(h)), c["ffn_dropout_p"], dropout)
 
@@ -418,13 +423,80 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)[:, None]
 
 
+class CaptionProjection(nn.Module):
+    """The release's caption MLP: fc1 -> GELU (tanh) -> fc2, no biases."""
+
+    def __init__(self, caption_dim: int, dim: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(caption_dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """LlamaGen T2I caption embedder: text-encoder token features [B,P,Dc] -> `cap_proj` -> prefix [B,P,dim].
+    `uncond_embedding` [P, Dc] is the null caption of CFG, a buffer (saved, not trained), as released.
+
+    dd addition: a caption bank (`set_captions`; non-persistent, so a state dict is the release's) lets labels
+    [B] be caption ids, as class labels are: id n (the bank's size, `num_classes`) is the null caption. Features
+    are left-padded to P tokens with a mask (True: a real token), as the release's T5 features are.
+    """
+
+    def __init__(self, caption_dim: int, dim: int, token_num: int):
+        super().__init__()
+        self.cap_proj = CaptionProjection(caption_dim, dim)
+        self.register_buffer("uncond_embedding", torch.randn(token_num, caption_dim) / caption_dim ** 0.5)
+        self.register_buffer("bank", torch.zeros(0, token_num, caption_dim), persistent=False)
+        self.register_buffer("bank_mask", torch.zeros(0, token_num, dtype=torch.bool), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.bank.shape[0]
+
+    def set_captions(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Caption bank: features [n,P,Dc] (positions where mask [n,P] is False are zeroed, as the release's
+        sampler does; no mask: every position is a real token)."""
+        P, Dc = self.uncond_embedding.shape
+        if features.dim() != 3 or features.shape[1:] != (P, Dc):
+            raise ValueError(f"caption features: expected [n, {P}, {Dc}] (cls_token_num, caption_dim), "
+                             f"got {list(features.shape)}")
+        mask = torch.ones(features.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+        if mask.shape != features.shape[:2]:
+            raise ValueError(f"caption mask: expected {list(features.shape[:2])}, got {list(mask.shape)}")
+        dev = self.uncond_embedding.device
+        self.bank = (features * mask[..., None]).to(dev, self.uncond_embedding.dtype)
+        self.bank_mask = mask.to(dev)
+
+    def forward(self, labels: torch.Tensor, drop_prob: float = 0.0, mask_of: torch.Tensor | None = None):
+        """labels [B] -> (prefix [B,P,dim], key mask [B,P]); with probability drop_prob a caption becomes the null
+        caption (its mask kept, as the release's training). The mask comes from `mask_of`'s captions (default
+        labels; CFG gives the null branch its partner's mask, as the release's sampler); the null id alone: all
+        tokens real."""
+        feats = torch.cat([self.bank, self.uncond_embedding[None]])
+        masks = torch.cat([self.bank_mask, self.bank_mask.new_ones(1, feats.shape[1])])
+        if labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
+            raise ValueError(f"caption ids must lie in [0, {self.num_classes}] (the bank's size is the null "
+                             f"caption); got {labels.min().item()}..{labels.max().item()}")
+        x = feats[labels]
+        if drop_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < drop_prob
+            x = torch.where(drop[:, None, None], self.uncond_embedding, x)
+        return self.cap_proj(x), masks[labels if mask_of is None else mask_of]
+
+
 class GPT(nn.Module):
-    """LlamaGen class-conditional GPT (defaults = GPT-B at 16x16 tokens). Sequence: [cls(y), tok_0..tok_{N-2}]."""
+    """LlamaGen GPT (defaults = class-conditional GPT-B at 16x16 tokens). Sequence: [cls(y), tok_0..tok_{N-2}].
+
+    caption_dim > 0 makes the release's text-to-image model: the prefix is a caption's cls_token_num tokens
+    (`CaptionEmbedder`), labels are caption ids into its bank, and a prefix mask hides padding tokens.
+    """
 
     def __init__(self, vocab_size: int = 16384, num_classes: int = 1000, dim: int = 768, n_layer: int = 12,
                  n_head: int = 12, ffn_hidden: int | None = None, grid_size: int = 16, rope_base: float = 10000.0,
                  norm_eps: float = 1e-5, token_dropout_p: float = 0.1, attn_dropout_p: float = 0.0,
-                 resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1, class_dropout_prob: float = 0.1):
+                 resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1, class_dropout_prob: float = 0.1,
+                 caption_dim: int = 0, cls_token_num: int = 1):
         super().__init__()
         if dim % n_head or (dim // n_head) % 4:
             raise ValueError(f"GPT: need dim % n_head == 0 and head_dim % 4 == 0 (2-D RoPE); "
@@ -435,8 +507,14 @@ class GPT(nn.Module):
                            norm_eps=norm_eps, token_dropout_p=token_dropout_p, attn_dropout_p=attn_dropout_p,
                            resid_dropout_p=resid_dropout_p, ffn_dropout_p=ffn_dropout_p,
                            class_dropout_prob=class_dropout_prob)
-        self.vocab_size, self.num_classes, self.grid_size = vocab_size, num_classes, grid_size
-        self.cls_embedding = LabelEmbedder(num_classes, dim)
+        if caption_dim:
+            self.config.update(caption_dim=caption_dim, cls_token_num=cls_token_num)
+            self.cls_embedding = CaptionEmbedder(caption_dim, dim, cls_token_num)
+        elif cls_token_num != 1:
+            raise ValueError(f"GPT: a class-conditional model has cls_token_num 1, got {cls_token_num}")
+        else:
+            self.cls_embedding = LabelEmbedder(num_classes, dim)
+        self.vocab_size, self.grid_size, self.n_prefix = vocab_size, grid_size, cls_token_num
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(Block(self.config) for _ in range(n_layer))
         self.norm = RMSNorm(dim, norm_eps)
@@ -447,47 +525,86 @@ class GPT(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.output.weight)  # zero-initialised head, as upstream
 
+    @property
+    def num_classes(self) -> int:
+        """Classes (T2I: captions in the bank); this id is the null condition of CFG."""
+        return self.cls_embedding.num_classes
+
     def rope(self, device) -> torch.Tensor:
         if self._rope is None or self._rope.device != torch.device(device):
             c = self.config
-            self._rope = rope_2d(self.grid_size, c["dim"] // c["n_head"], c["rope_base"]).to(device)
+            self._rope = rope_2d(self.grid_size, c["dim"] // c["n_head"], c["rope_base"], self.n_prefix).to(device)
         return self._rope
 
-    def embed(self, tokens: torch.Tensor, labels: torch.Tensor, drop_labels: bool = False) -> torch.Tensor:
-        """tokens [B,T], labels [B] -> teacher-forcing input [B,T,dim] = [cls(y)] + tok_emb(tokens[:, :-1])."""
+    def prefix(self, labels: torch.Tensor, drop_labels: bool = False, mask_of: torch.Tensor | None = None):
+        """labels [B] -> (prefix embeddings [B,P,dim], prefix key mask [B,P] or None when every position is real:
+        always for class labels). drop_labels: the training's CFG dropout; mask_of: see `CaptionEmbedder`."""
         drop = self.config["class_dropout_prob"] if drop_labels else 0.0
-        return torch.cat([self.cls_embedding(labels, drop), self.tok_embeddings(tokens[:, :-1])], 1)
+        if isinstance(self.cls_embedding, LabelEmbedder):
+            return self.cls_embedding(labels, drop), None
+        h, mask = self.cls_embedding(labels, drop, mask_of)
+        return h, (None if mask.all() else mask)
 
-    def forward(self, h: torch.Tensor, start: int = 0, cache: list | None = None, dropout: bool = False):
+    def null_pair(self, labels: torch.Tensor):
+        """CFG's doubled batch for labels [B]: (prefix [2B,P,dim], key mask or None), conditional rows first, then
+        the null condition with its partner's prefix mask (as the release's sampler)."""
+        null = labels.new_full(labels.shape, self.num_classes)
+        return self.prefix(torch.cat([labels, null]), mask_of=torch.cat([labels, labels]))
+
+    def attn_mask(self, key_mask: torch.Tensor | None, start: int, T: int) -> torch.Tensor | None:
+        """Bool attention mask [B,1,T,start+T] of positions start..start+T-1: causal, prefix keys hidden where
+        key_mask [B,P] is False, each position seeing itself (the release's eye); None without a key mask."""
+        if key_mask is None:
+            return None
+        S, P = start + T, self.n_prefix
+        q = torch.arange(start, S, device=key_mask.device)[:, None]
+        k = torch.arange(S, device=key_mask.device)[None]
+        real = torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], max(S - P, 0))], 1)[:, :S]
+        return (((k <= q) & real[:, None]) | (k == q))[:, None]
+
+    def embed(self, tokens: torch.Tensor, labels: torch.Tensor, drop_labels: bool = False):
+        """tokens [B,T], labels [B] -> (teacher-forcing input [B,P+T-1,dim] = [prefix(y)] + tok_emb(tokens[:, :-1]),
+        prefix key mask or None)."""
+        h, mask = self.prefix(labels, drop_labels)
+        return torch.cat([h, self.tok_embeddings(tokens[:, :-1])], 1), mask
+
+    def forward(self, h: torch.Tensor, start: int = 0, cache: list | None = None, dropout: bool = False,
+                key_mask: torch.Tensor | None = None):
         """Input embeddings h [B,T,dim] at sequence positions start..start+T-1 -> fp32 logits [B,T,V].
 
-        Position 0 is the class token; position i+1 holds token i (RoPE of grid cell i). `cache` is a list of
-        per-layer (k, v) buffers; `dropout` switches on the release's dropouts (independent of .train()).
+        Positions 0..P-1 are the condition prefix (P = 1: the class token); position P+i holds token i (RoPE of
+        grid cell i). `cache` is a list of per-layer (k, v) buffers; `dropout` switches on the release's
+        dropouts (independent of .train()); key_mask [B,P]: the prefix's real tokens (None: all).
         """
-        T = h.shape[1]
-        if start + T > self.grid_size ** 2:
-            raise ValueError(f"sequence of {start + T} positions exceeds grid_size^2 = {self.grid_size ** 2}")
+        T, last = h.shape[1], self.n_prefix + self.grid_size ** 2 - 1
+        if start + T > last:
+            raise ValueError(f"sequence of {start + T} positions exceeds prefix + grid_size^2 - 1 = {last}")
         rope = self.rope(h.device)[start:start + T]
+        mask = self.attn_mask(key_mask, start, T)
         h = F.dropout(h, self.config["token_dropout_p"], dropout)
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, None if cache is None else cache[i], start, dropout)
+            h = layer(h, rope, None if cache is None else cache[i], start, dropout, mask)
         return self.output(self.norm(h)).float()
 
     def logits(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [B,T,V] (eval semantics); logits[:, i] predicts tokens[:, i]; T <= grid^2.
         labels == num_classes is the null class."""
-        return self.forward(self.embed(tokens, labels))
+        h, mask = self.embed(tokens, labels)
+        return self.forward(h, key_mask=mask)[:, self.n_prefix - 1:]
 
     def cfg_logits(self, tokens: torch.Tensor, labels: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """Guided teacher-forced logits [B,T,V] = u + s (c - u), with u from the null class."""
         B = labels.shape[0]
-        both = self.logits(torch.cat([tokens, tokens]), torch.cat([labels, labels.new_full((B,), self.num_classes)]))
+        pre, mask = self.null_pair(labels)
+        h = torch.cat([pre, self.tok_embeddings(torch.cat([tokens, tokens])[:, :-1])], 1)
+        both = self.forward(h, key_mask=mask)[:, self.n_prefix - 1:]
         c, u = both[:B], both[B:]
         return u + cfg_scale * (c - u)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Training loss: train-mode forward (dropouts, CFG label dropout), mean CE over all T tokens."""
-        logits = self.forward(self.embed(tokens, labels, drop_labels=True), dropout=True)
+        h, mask = self.embed(tokens, labels, drop_labels=True)
+        logits = self.forward(h, dropout=True, key_mask=mask)[:, self.n_prefix - 1:]
         return F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
 
     @torch.no_grad()
@@ -500,15 +617,14 @@ class GPT(nn.Module):
         turns step n's guided logits into its tokens; default `Sampler()` (no filtering, unseeded).
         """
         step_fn = Sampler() if step_fn is None else step_fn
-        B, N = labels.shape[0], self.grid_size ** 2
+        B, N, P = labels.shape[0], self.grid_size ** 2, self.n_prefix
         guided = cfg_scale > 1.0
-        y = torch.cat([labels, labels.new_full((B,), self.num_classes)]) if guided else labels
+        h, mask = self.null_pair(labels) if guided else self.prefix(labels)  # [B or 2B, P, dim]
         c, w = self.config, self.tok_embeddings.weight
-        shape = (y.shape[0], c["n_head"], N, c["dim"] // c["n_head"])
+        shape = (h.shape[0], c["n_head"], P + N - 1, c["dim"] // c["n_head"])
         cache = [(w.new_empty(shape), w.new_empty(shape)) for _ in self.layers]  # never part of the state dict
-        h = self.cls_embedding(y)  # [B or 2B, 1, dim]
         for n in range(N):
-            logits = self.forward(h, start=n, cache=cache)[:, -1]  # [B or 2B, V]
+            logits = self.forward(h, start=0 if n == 0 else P - 1 + n, cache=cache, key_mask=mask)[:, -1]
             if guided:
                 cond, uncond = logits[:B], logits[B:]
                 use_cfg = cfg_interval <= -1 or n <= cfg_interval + 1
@@ -583,20 +699,24 @@ def load_gpt(path, grid_size: int | None = None, n_head: int | None = None, whic
     .safetensors) with sizes inferred from shapes, and load it strictly; returns the model on CPU in eval mode.
 
     vocab and dim come from tok_embeddings, num_classes from the class table (rows - 1), n_layer from the
-    layer keys, the FFN width from w1. grid_size and n_head are not in the weights: they come from the
+    layer keys, the FFN width from w1; a text-to-image file (`cls_embedding.cap_proj.*`) gives caption_dim and
+    cls_token_num from its null caption, and the model waits for a caption bank (`set_captions`). grid_size and n_head are not in the weights: they come from the
     arguments, else from a config stored in the file, else 16 and the release head count (dim // 64, 32 for
     GPT-3B's dim 3200).
     """
     sd, cfg = io.read_state_dict(path, which, trusted)
     need = partial(io.require_key, sd, path=path, what="LlamaGen GPT")
     vocab, dim = need("tok_embeddings.weight")
-    cfg = {**cfg, "vocab_size": vocab, "dim": dim,
-           "num_classes": need("cls_embedding.embedding_table.weight")[0] - 1,
-           "n_layer": io.count_indices(sd, r"layers\.(\d+)\."),
+    cfg = {**cfg, "vocab_size": vocab, "dim": dim, "n_layer": io.count_indices(sd, r"layers\.(\d+)\."),
            "ffn_hidden": need("layers.0.feed_forward.w1.weight")[0]}
+    if "cls_embedding.cap_proj.fc1.weight" in sd:  # text-to-image: caption width and prefix length from shapes
+        cfg["cls_token_num"], cfg["caption_dim"] = need("cls_embedding.uncond_embedding")
+        cfg["num_classes"] = 0
+    else:
+        cfg["num_classes"] = need("cls_embedding.embedding_table.weight")[0] - 1
     cfg["grid_size"] = grid_size or cfg.get("grid_size", 16)
     cfg["n_head"] = n_head or cfg.get("n_head") or _RELEASE_HEADS.get(dim, dim // 64)
-    with torch.device("meta"):  # a GPT has no buffers, so nothing is left uninitialised by to_empty
+    with torch.device("meta"):  # every buffer is saved or empty, so nothing is left uninitialised by to_empty
         model = GPT(**cfg)
     return io.load_strict(model, sd, path)
 
