@@ -101,7 +101,7 @@ class DD1Model(nn.Module):
         self.family, self.D = family, int(codebook_dim)
         if family == "llamagen":
             gpt = llamagen.GPT(**teacher)  # its tok_embeddings are dropped: DD reads vectors, not indices
-            self.grid_size, self.num_classes = gpt.grid_size, gpt.num_classes
+            self.grid_size, self.num_classes, self.n_prefix = gpt.grid_size, gpt.num_classes, gpt.n_prefix
             self.cls_embedding, self.layers = gpt.cls_embedding, gpt.layers
             self.norm, self.output = gpt.norm, gpt.output
             dim = gpt.config["dim"]
@@ -167,12 +167,15 @@ class DD1Model(nn.Module):
             raise TypeError(f"DD1Model.from_teacher: expected a llamagen.GPT or var.VAR, got {type(teacher).__name__}")
         for name in shared:
             getattr(model, name).load_state_dict(getattr(teacher, name).state_dict())
+        if isinstance(teacher, llamagen.GPT) and isinstance(teacher.cls_embedding, llamagen.CaptionEmbedder):
+            model.cls_embedding.set_captions(teacher.cls_embedding.bank, teacher.cls_embedding.bank_mask)
         return model.to(next(teacher.parameters()).device)
 
     def rope(self, device) -> torch.Tensor:
         if self._rope is None or self._rope.device != torch.device(device):
             c = self.layers[0].cfg  # the GPT's full config (defaults filled in)
-            self._rope = llamagen.rope_2d(self.grid_size, c["dim"] // c["n_head"], c["rope_base"]).to(device)
+            self._rope = llamagen.rope_2d(self.grid_size, c["dim"] // c["n_head"], c["rope_base"],
+                                          self.n_prefix).to(device)
         return self._rope
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, t, continuous: bool = True):
@@ -191,15 +194,23 @@ class DD1Model(nn.Module):
         return self._forward_var(x, labels, nd, continuous)
 
     def _forward_llamagen(self, x, labels, nd, continuous):
-        cond = self.cls_embedding(labels)  # [B, 1, dim]
-        h = torch.cat([cond, self.tok_embeddings(x)], 1) + nd  # [B, L + 1, dim]
-        rope = self.rope(x.device)  # [L + 1, hd/2, 2]; zero row for the class slot, as in the teacher
+        cond, key_mask = llamagen.condition(self.cls_embedding, labels)  # [B, P, dim]: P = 1 (class) or a caption
+        P = cond.shape[1]
+        nd = torch.cat([nd[:, :1].expand(-1, P - 1, -1), nd], 1)  # every prefix slot counts as data
+        h = torch.cat([cond, self.tok_embeddings(x)], 1) + nd  # [B, P + L, dim]
+        rope = self.rope(x.device)  # [P + L, hd/2, 2]; zero rows for the prefix, as in the teacher
+        mask = llamagen.prefix_attn_mask(key_mask, 0, h.shape[1])
         for layer in self.layers:
-            h = layer(h, rope)  # causal over the L + 1 slots
-        logits = self.output(self.norm(h)).float()[:, 1:]  # [B, L, V]
+            h = layer(h, rope, mask=mask)  # causal over the P + L slots (caption padding hidden)
+        logits = self.output(self.norm(h)).float()[:, P:]  # [B, L, V]
         if not continuous:
             return logits, None
-        return logits, self.final_layer_conti(h, cond[:, 0])[:, 1:]  # continuous head reads h before the norm
+        if key_mask is None:
+            pooled = cond.mean(1)  # the class embedding itself when P = 1
+        else:
+            w = key_mask[..., None].to(cond.dtype)
+            pooled = (cond * w).sum(1) / w.sum(1)  # the caption's real tokens
+        return logits, self.final_layer_conti(h, pooled)[:, P:]  # continuous head reads h before the norm
 
     def _forward_var(self, x, labels, nd, continuous):
         cond = self.class_emb(labels)  # [B, C]

@@ -485,6 +485,29 @@ class CaptionEmbedder(nn.Module):
         return self.cap_proj(x), masks[labels if mask_of is None else mask_of]
 
 
+def condition(embedder: nn.Module, labels: torch.Tensor, drop_prob: float = 0.0,
+              mask_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A `LabelEmbedder` or `CaptionEmbedder` on labels [B] -> (prefix embeddings [B,P,dim], prefix key mask [B,P],
+    or None when every prefix position is real: always for class labels). mask_of: see `CaptionEmbedder`."""
+    if isinstance(embedder, LabelEmbedder):
+        return embedder(labels, drop_prob), None
+    h, mask = embedder(labels, drop_prob, mask_of)
+    return h, (None if mask.all() else mask)
+
+
+def prefix_attn_mask(key_mask: torch.Tensor | None, start: int, T: int) -> torch.Tensor | None:
+    """Bool attention mask [B,1,T,start+T] of positions start..start+T-1 after a prefix of P = key_mask.shape[1]
+    positions: causal, prefix keys hidden where key_mask [B,P] is False, each position seeing itself (the
+    release's eye); None without a key mask (plain causal attention)."""
+    if key_mask is None:
+        return None
+    S, P = start + T, key_mask.shape[1]
+    q = torch.arange(start, S, device=key_mask.device)[:, None]
+    k = torch.arange(S, device=key_mask.device)[None]
+    real = torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], max(S - P, 0))], 1)[:, :S]
+    return (((k <= q) & real[:, None]) | (k == q))[:, None]
+
+
 class GPT(nn.Module):
     """LlamaGen GPT (defaults = class-conditional GPT-B at 16x16 tokens). Sequence: [cls(y), tok_0..tok_{N-2}].
 
@@ -537,30 +560,15 @@ class GPT(nn.Module):
         return self._rope
 
     def prefix(self, labels: torch.Tensor, drop_labels: bool = False, mask_of: torch.Tensor | None = None):
-        """labels [B] -> (prefix embeddings [B,P,dim], prefix key mask [B,P] or None when every position is real:
-        always for class labels). drop_labels: the training's CFG dropout; mask_of: see `CaptionEmbedder`."""
-        drop = self.config["class_dropout_prob"] if drop_labels else 0.0
-        if isinstance(self.cls_embedding, LabelEmbedder):
-            return self.cls_embedding(labels, drop), None
-        h, mask = self.cls_embedding(labels, drop, mask_of)
-        return h, (None if mask.all() else mask)
+        """labels [B] -> (prefix embeddings [B,P,dim], prefix key mask [B,P] or None), see `condition`."""
+        return condition(self.cls_embedding, labels, self.config["class_dropout_prob"] if drop_labels else 0.0,
+                         mask_of)
 
     def null_pair(self, labels: torch.Tensor):
         """CFG's doubled batch for labels [B]: (prefix [2B,P,dim], key mask or None), conditional rows first, then
         the null condition with its partner's prefix mask (as the release's sampler)."""
         null = labels.new_full(labels.shape, self.num_classes)
         return self.prefix(torch.cat([labels, null]), mask_of=torch.cat([labels, labels]))
-
-    def attn_mask(self, key_mask: torch.Tensor | None, start: int, T: int) -> torch.Tensor | None:
-        """Bool attention mask [B,1,T,start+T] of positions start..start+T-1: causal, prefix keys hidden where
-        key_mask [B,P] is False, each position seeing itself (the release's eye); None without a key mask."""
-        if key_mask is None:
-            return None
-        S, P = start + T, self.n_prefix
-        q = torch.arange(start, S, device=key_mask.device)[:, None]
-        k = torch.arange(S, device=key_mask.device)[None]
-        real = torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], max(S - P, 0))], 1)[:, :S]
-        return (((k <= q) & real[:, None]) | (k == q))[:, None]
 
     def embed(self, tokens: torch.Tensor, labels: torch.Tensor, drop_labels: bool = False):
         """tokens [B,T], labels [B] -> (teacher-forcing input [B,P+T-1,dim] = [prefix(y)] + tok_emb(tokens[:, :-1]),
@@ -580,7 +588,7 @@ class GPT(nn.Module):
         if start + T > last:
             raise ValueError(f"sequence of {start + T} positions exceeds prefix + grid_size^2 - 1 = {last}")
         rope = self.rope(h.device)[start:start + T]
-        mask = self.attn_mask(key_mask, start, T)
+        mask = prefix_attn_mask(key_mask, start, T)
         h = F.dropout(h, self.config["token_dropout_p"], dropout)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, None if cache is None else cache[i], start, dropout, mask)

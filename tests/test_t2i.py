@@ -105,3 +105,29 @@ def test_caption_bank_errors():
         gpt.logits(torch.zeros(1, 9, dtype=torch.long), torch.tensor([4]))
     with pytest.raises(ValueError, match="cls_token_num 1"):
         GPT(dim=32, n_head=2, cls_token_num=4)
+
+
+def test_dd1_model_on_a_caption_prefix():
+    from dd.dd1 import DD1Model, dd1_loss, step_ends
+
+    gpt = tiny_t2i()
+    model = DD1Model.from_teacher(gpt, codebook_dim=4).eval()
+    assert model.cls_embedding.num_classes == 3  # the teacher's caption bank comes along
+    torch.testing.assert_close(model.cls_embedding.cap_proj.fc1.weight, gpt.cls_embedding.cap_proj.fc1.weight)
+    x, ids = torch.randn(4, 9, 4), torch.tensor([0, 1, 2, 3])
+    logits, cont = model(x, ids, 0)
+    assert logits.shape == (4, 9, 40) and cont.shape == (4, 9, 4)
+    y = x.clone()
+    y[:, 5:] = torch.randn(4, 4, 4)  # causal: positions before 5 do not see later inputs
+    torch.testing.assert_close(model(y, ids, 0)[0][:, :5], logits[:, :5], atol=1e-5, rtol=0)
+    emb = model.cls_embedding
+    bank = emb.bank.clone()
+    bank[~emb.bank_mask] = 3.0  # features under the padding are invisible
+    emb.set_captions(bank, emb.bank_mask)
+    torch.testing.assert_close(model(x, ids, 0)[0], logits, atol=1e-5, rtol=0)
+    emb.set_captions(bank, torch.ones_like(emb.bank_mask))  # ...unless the mask says they are real
+    assert (model(x, ids, 0)[0][1] - logits[1]).abs().max() > 1e-3
+    batch = {"tokens": torch.randint(0, 40, (4, 9)), "noise": torch.randn(4, 9, 4), "labels": ids}
+    loss, parts = dd1_loss(model.train(), batch, torch.randn(40, 4), step_ends(model), t_set=(0, 3))
+    loss.backward()
+    assert torch.isfinite(loss) and model.cls_embedding.cap_proj.fc1.weight.grad.abs().sum() > 0
