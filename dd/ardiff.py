@@ -57,7 +57,7 @@ class ContinuousGPT(nn.Module):
         dim = gpt.config["dim"]
         mlp_hidden = int(mlp_hidden) or 4 * dim
         self.config = dict(teacher=dict(gpt.config), codebook_dim=int(codebook_dim), mlp_hidden=mlp_hidden)
-        self.grid_size, self.num_classes, self.vocab_size = gpt.grid_size, gpt.num_classes, gpt.vocab_size
+        self.grid_size, self.vocab_size, self.n_prefix = gpt.grid_size, gpt.vocab_size, gpt.n_prefix
         self.cls_embedding, self.layers, self.norm, self.output = gpt.cls_embedding, gpt.layers, gpt.norm, gpt.output
         self.tok_mlp = nn.Sequential(nn.Linear(codebook_dim, mlp_hidden), nn.SiLU(), nn.Linear(mlp_hidden, dim))
         self._rope = None
@@ -68,31 +68,52 @@ class ContinuousGPT(nn.Module):
         model = cls(teacher.config, codebook_dim, mlp_hidden)
         for name in ("cls_embedding", "layers", "norm", "output"):
             getattr(model, name).load_state_dict(getattr(teacher, name).state_dict())
+        share_captions(teacher, model)
         return model.to(next(teacher.parameters()).device)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes (T2I: captions in the bank); this id is the null condition of CFG."""
+        return self.cls_embedding.num_classes
 
     def rope(self, device) -> torch.Tensor:
         if self._rope is None or self._rope.device != torch.device(device):
             c = self.config["teacher"]
-            self._rope = llamagen.rope_2d(self.grid_size, c["dim"] // c["n_head"], c["rope_base"]).to(device)
+            self._rope = llamagen.rope_2d(self.grid_size, c["dim"] // c["n_head"], c["rope_base"],
+                                          self.n_prefix).to(device)
         return self._rope
 
-    def hidden(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """x [B, T, D] (x[:, -1] is not read), labels [B] → normalised features [B, T, dim]; row i sees x_<i."""
-        h = torch.cat([self.cls_embedding(labels), self.tok_mlp(x[:, :-1])], 1)
+    def hidden(self, x: torch.Tensor, labels: torch.Tensor, mask_of: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] (x[:, -1] is not read), labels [B] → normalised features [B, T, dim]; row i sees the
+        condition prefix (class or caption; mask_of: see `llamagen.CaptionEmbedder`) and x_<i."""
+        cond, key_mask = llamagen.condition(self.cls_embedding, labels, 0.0, mask_of)
+        h = torch.cat([cond, self.tok_mlp(x[:, :-1])], 1)
         rope = self.rope(x.device)[:h.shape[1]]
+        mask = llamagen.prefix_attn_mask(key_mask, 0, h.shape[1])
         for layer in self.layers:
-            h = layer(h, rope)
-        return self.norm(h)
+            h = layer(h, rope, mask=mask)
+        return self.norm(h)[:, self.n_prefix - 1:]
 
-    def logits(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, labels: torch.Tensor, mask_of: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits [B, T, V] fp32; logits[:, i] is the distribution of token i given x_<i."""
-        return self.output(self.hidden(x, labels)).float()
+        return self.output(self.hidden(x, labels, mask_of)).float()
 
     def cfg_logits(self, x: torch.Tensor, labels: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        """u + s (c − u), u from the null class, as `llamagen.GPT.cfg_logits`."""
+        """u + s (c − u), u from the null condition (with its partner's caption mask), as `llamagen.GPT.cfg_logits`."""
         B = labels.shape[0]
-        both = self.logits(torch.cat([x, x]), torch.cat([labels, labels.new_full((B,), self.num_classes)]))
+        both = self.logits(torch.cat([x, x]), torch.cat([labels, labels.new_full((B,), self.num_classes)]),
+                           mask_of=torch.cat([labels, labels]))
         return both[B:] + cfg_scale * (both[:B] - both[B:])
+
+
+def share_captions(src: nn.Module, dst: nn.Module) -> None:
+    """Give dst's caption embedder src's caption bank (a bank is runtime data, not in a state dict); no-op for
+    class-conditional models."""
+    banks = [m for m in src.modules() if isinstance(m, llamagen.CaptionEmbedder)]
+    if banks:
+        for m in dst.modules():
+            if isinstance(m, llamagen.CaptionEmbedder):
+                m.set_captions(banks[0].bank, banks[0].bank_mask)
 
 
 def fit_input_mlp(model: ContinuousGPT, table: torch.Tensor, codebook: torch.Tensor, n_steps: int, lr: float = 3e-3,
@@ -315,6 +336,7 @@ class ARDiffusion(nn.Module):
                             f"{type(teacher).__name__}")
         weights = {k: v for k, v in teacher.state_dict().items() if not k.startswith(skip)}
         model.backbone.load_state_dict(weights, strict=True)
+        share_captions(teacher, model)
         return model.to(next(teacher.parameters()).device)
 
     def features(self, inp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

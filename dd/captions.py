@@ -107,30 +107,57 @@ def render(images: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
     return (out * 255).round().to(torch.uint8)
 
 
-def measure(images: torch.Tensor) -> torch.Tensor:
+def measure(images: torch.Tensor, share: float = 0.03) -> torch.Tensor:
     """Attributes read from images [N, C, S, S] (uint8, or float in [-1, 1]) -> LongTensor [N, 3]:
-    brightness by the 99th-percentile intensity, size by the longer side and position by the horizontal centre of
-    the bounding box of the pixels above 30 % of that percentile, each against the midpoint of its rendered values.
-    An empty image reads as small, left, dim."""
+    brightness by the 99th-percentile intensity; size by the longer side and position by the horizontal centre of
+    the object's extent, each against the midpoint of its rendered values. The extent along an axis runs from the
+    `share` to the 1 - `share` quantile of the intensity mass of the pixels above 30 % of that percentile, so a few
+    stray pixels of a generated image do not stretch it. An empty image reads as small, left, dim."""
     x = images.float() / 255 if images.dtype == torch.uint8 else (images.float() + 1) / 2
-    x = x.mean(1)  # [N, S, S]
+    x = x.clamp(0, 1).mean(1)  # [N, S, S]
     N, S, _ = x.shape
     p99 = x.flatten(1).quantile(0.99, dim=1)  # [N]
-    fg = x > 0.3 * p99[:, None, None].clamp_min(0.02)
-    ar = torch.arange(S, dtype=torch.float)
+    mass = x * (x > 0.3 * p99[:, None, None].clamp_min(0.02))
 
-    def extent(mask):  # [N, S] -> first, last index of True (0, -1 when none)
-        first = torch.where(mask, ar, float(S)).amin(1)
-        last = torch.where(mask, ar, -1.0).amax(1)
-        return first, last
+    def extent(profile):  # [N, S] mass per row or column -> (first, last) index inside the central mass
+        cum = profile.cumsum(1) / profile.sum(1, keepdim=True).clamp_min(1e-9)
+        first = (cum < share).sum(1).float()
+        last = (cum < 1 - share).sum(1).float()
+        empty = profile.sum(1) <= 0
+        return torch.where(empty, 0.0, first), torch.where(empty, -1.0, last)
 
-    r0, r1 = extent(fg.any(2))
-    c0, c1 = extent(fg.any(1))
+    r0, r1 = extent(mass.sum(2))
+    c0, c1 = extent(mass.sum(1))
     longer = torch.maximum(r1 - r0 + 1, c1 - c0 + 1).clamp_min(0)
     centre = torch.where(c1 >= c0, (c0 + c1 + 1) / 2, torch.zeros(N))
     small, large = sizes(S)
+    small, large = small * (1 - 2 * share), large * (1 - 2 * share)  # roughly what the quantiles keep
     return torch.stack([(longer > (small + large) / 2).long(), (centre > S / 2).long(),
                         (p99 > sum(BRIGHTNESS) / 2).long()], 1)
+
+
+def canonical(images: torch.Tensor) -> torch.Tensor:
+    """Undo the attributes for a class judge trained on the plain dataset: images [N, C, S, S] (uint8, or float in
+    [-1, 1]) -> float [N, C, S, S] in [-1, 1], each object's box (pixels above 10 % of its maximum) scaled to a
+    longer side of S - 4 px (the 28 of 32 of the padded datasets), centred, at full brightness."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else (images.float() + 1) / 2
+    x = x.clamp(0, 1)
+    N, C, S, _ = x.shape
+    out = torch.zeros_like(x)
+    for i in range(N):
+        fg = x[i].amax(0) > 0.1 * x[i].max().clamp_min(1e-6)
+        rows, cols = fg.any(1).nonzero().flatten(), fg.any(0).nonzero().flatten()
+        if len(rows) == 0:
+            continue
+        crop = x[i, :, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        h, w = crop.shape[-2:]
+        scale = (S - 4) / max(h, w)
+        h2, w2 = max(1, round(h * scale)), max(1, round(w * scale))
+        obj = F.interpolate(crop[None], (h2, w2), mode="bilinear", antialias=True, align_corners=False)[0]
+        obj = (obj / obj.flatten().quantile(0.99).clamp_min(1e-6)).clamp(0, 1)
+        y0, x0 = (S - h2) // 2, (S - w2) // 2
+        out[i, :, y0:y0 + h2, x0:x0 + w2] = obj
+    return out * 2 - 1
 
 
 def attribute_accuracy(images: torch.Tensor, attrs: torch.Tensor) -> dict[str, float]:

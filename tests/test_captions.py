@@ -59,3 +59,15 @@ def test_encoder_left_pads_token_features():
     torch.testing.assert_close(again[0], feats[0], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="more than the 4 of the caption prefix"):
         captions.encode(texts[:1], 4)
+
+
+def test_canonical_undoes_the_attributes(digits):
+    x, _ = digits
+    x = x[:100]
+    a = torch.randint(2, (100, 3), generator=torch.Generator().manual_seed(2))
+    raw_a, raw_b = captions.render(x, a), captions.render(x, 1 - a)  # every attribute the other way
+    can_a, can_b = captions.canonical(raw_a), captions.canonical(raw_b)
+    raw_gap = (raw_a.float() - raw_b.float()).abs().mean() / 127.5
+    can_gap = (can_a - can_b).abs().mean()
+    assert can_gap < 0.1 < raw_gap, (can_gap, raw_gap)
+    assert captions.measure(can_a)[:, [0, 2]].eq(1).all()  # large and bright, whatever was asked

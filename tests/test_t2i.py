@@ -131,3 +131,20 @@ def test_dd1_model_on_a_caption_prefix():
     loss, parts = dd1_loss(model.train(), batch, torch.randn(40, 4), step_ends(model), t_set=(0, 3))
     loss.backward()
     assert torch.isfinite(loss) and model.cls_embedding.cap_proj.fc1.weight.grad.abs().sum() > 0
+
+
+def test_continuous_gpt_reads_a_caption_prefix_as_the_teacher():
+    from dd.ardiff import ARDiffusion, ContinuousGPT
+
+    gpt = tiny_t2i()
+    model = ContinuousGPT.from_teacher(gpt, codebook_dim=40).eval()
+    assert model.num_classes == 3
+    lookup = torch.nn.Linear(40, 32, bias=False)  # one-hot vectors through the token table: the teacher exactly
+    lookup.weight.data = gpt.tok_embeddings.weight.data.T.clone()
+    model.tok_mlp = lookup
+    tokens, ids = torch.randint(0, 40, (4, 9)), torch.tensor([0, 1, 2, 3])
+    x = torch.nn.functional.one_hot(tokens, 40).float()
+    torch.testing.assert_close(model.logits(x, ids), gpt.logits(tokens, ids), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.cfg_logits(x, ids, 2.5), gpt.cfg_logits(tokens, ids, 2.5), atol=1e-5, rtol=0)
+    ar = ARDiffusion.from_teacher(ContinuousGPT.from_teacher(gpt, codebook_dim=40), head_width=16, head_depth=1)
+    assert ar.backbone.num_classes == 3 and ar.features(x, ids).shape == (4, 9, 32)
