@@ -99,7 +99,7 @@ class ContinuousGPT(nn.Module):
         return self.output(self.hidden(x, labels, mask_of)).float()
 
     def cfg_logits(self, x: torch.Tensor, labels: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        """u + s (c − u), u from the null condition (with its partner's caption mask), as `llamagen.GPT.cfg_logits`."""
+        """u + s (c − u), u from the null condition (its partner's caption mask), as `llamagen.GPT.cfg_logits`."""
         B = labels.shape[0]
         both = self.logits(torch.cat([x, x]), torch.cat([labels, labels.new_full((B,), self.num_classes)]),
                            mask_of=torch.cat([labels, labels]))

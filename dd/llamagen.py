@@ -708,9 +708,9 @@ def load_gpt(path, grid_size: int | None = None, n_head: int | None = None, whic
 
     vocab and dim come from tok_embeddings, num_classes from the class table (rows - 1), n_layer from the
     layer keys, the FFN width from w1; a text-to-image file (`cls_embedding.cap_proj.*`) gives caption_dim and
-    cls_token_num from its null caption, and the model waits for a caption bank (`set_captions`). grid_size and n_head are not in the weights: they come from the
-    arguments, else from a config stored in the file, else 16 and the release head count (dim // 64, 32 for
-    GPT-3B's dim 3200).
+    cls_token_num from its null caption, and the model waits for a caption bank (`set_captions`). grid_size and
+    n_head are not in the weights: they come from the arguments, else from a config stored in the file, else 16
+    and the release head count (dim // 64, 32 for GPT-3B's dim 3200).
     """
     sd, cfg = io.read_state_dict(path, which, trusted)
     need = partial(io.require_key, sd, path=path, what="LlamaGen GPT")

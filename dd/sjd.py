@@ -36,15 +36,21 @@ from . import layers, llamagen
 INITS = ("random", "repeat")
 
 
-def _window_logits(gpt: llamagen.GPT, h: torch.Tensor, pos: torch.Tensor, cache: list) -> torch.Tensor:
-    """GPT forward of input embeddings h [R,T,dim] at per-row positions pos [R,T] (consecutive), through the KV
-    cache (per layer (k, v) [R,H,S,hd], written at pos): each query sees the cache up to its own position.
+def _window_logits(gpt: llamagen.GPT, h: torch.Tensor, pos: torch.Tensor, cache: list,
+                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """GPT forward of input embeddings h [R,T,dim] at per-row sequence positions pos [R,T] (consecutive, after the
+    condition prefix), through the KV cache (per layer (k, v) [R,H,S,hd], written at pos): each query sees the
+    cache up to its own position, but no prefix position where key_mask [R,P] is False (caption padding).
     -> fp32 logits [R,T,V]. The same blocks as `GPT.forward` (eval semantics), with per-row start positions."""
     R, T, _ = h.shape
     S = cache[0][0].shape[2]
-    rope = gpt.rope(h.device)[pos.clamp(max=gpt.grid_size ** 2)]  # [R,T,hd/2,2]; positions past the end: padding
+    last = gpt.n_prefix + gpt.grid_size ** 2 - 1  # the rope table's last row
+    rope = gpt.rope(h.device)[pos.clamp(max=last)]  # [R,T,hd/2,2]; positions past the end: padding
     rot = torch.view_as_complex(rope.float().contiguous())[:, :, None, None]  # [R,T,1,1,hd/2]
     mask = (torch.arange(S, device=h.device) <= pos[..., None])[:, None]  # [R,1,T,S]: key s visible to query t
+    if key_mask is not None:
+        real = torch.cat([key_mask, key_mask.new_ones(R, S - key_mask.shape[1])], 1)  # [R,S]
+        mask = mask & real[:, None, None]
     for blk, (kc, vc) in zip(gpt.layers, cache):
         att = blk.attention
         qkv = att.wqkv(blk.attention_norm(h)).view(R, T, 3, att.n_head, att.head_dim)
@@ -74,12 +80,13 @@ def generate(gpt: llamagen.GPT, labels: torch.Tensor, cfg_scale: float = 1.0, cf
     dev, B, N, V, W = labels.device, labels.shape[0], gpt.grid_size ** 2, gpt.vocab_size, window
     T, grid = W + 1, gpt.grid_size
     guided = cfg_scale > 1.0
-    y = torch.cat([labels, labels.new_full((B,), gpt.num_classes)]) if guided else labels
-    R = y.shape[0]
+    pre, key_mask = gpt.null_pair(labels) if guided else gpt.prefix(labels)  # [R,P,dim]: the class or a caption
+    R, P = pre.shape[0], gpt.n_prefix
     c, w = gpt.config, gpt.tok_embeddings.weight
-    shape = (R, c["n_head"], N + T, c["dim"] // c["n_head"])  # room for a window past the last position
+    shape = (R, c["n_head"], P - 1 + N + T, c["dim"] // c["n_head"])  # room for a window past the last position
     cache = [(w.new_zeros(shape), w.new_zeros(shape)) for _ in gpt.layers]
-    cls = gpt.cls_embedding(y)  # [R,1,dim]
+    if P > 1:  # a caption: all but its last token go into the cache once
+        gpt.forward(pre[:, :P - 1], start=0, cache=cache, key_mask=key_mask)
     sampler = llamagen.Sampler(temperature, top_k, top_p)
     out = torch.zeros(B, N + T + 1, dtype=torch.long, device=dev)  # committed tokens, then the drafts' slots
     a = torch.zeros(B, dtype=torch.long, device=dev)  # committed tokens per sequence
@@ -106,12 +113,12 @@ def generate(gpt: llamagen.GPT, labels: torch.Tensor, cfg_scale: float = 1.0, cf
             initialise()
         active = a < N
         passes += active.long()
-        pos = a[:, None] + steps  # [B,T]: position a holds the last committed token (or the class), then drafts
+        pos = a[:, None] + steps  # [B,T]: slot a holds the last committed token (or the prefix's last), then drafts
         prev = out[b_idx, (a - 1).clamp(min=0)]
         emb = gpt.tok_embeddings(torch.cat([prev[:, None], draft], 1))  # [B,T,dim]
         emb = emb.repeat(R // B, 1, 1)
-        emb[:, 0] = torch.where((a == 0).repeat(R // B)[:, None], cls[:, 0], emb[:, 0])
-        logits = _window_logits(gpt, emb, pos.repeat(R // B, 1), cache)  # [R,T,V]; output t predicts token a + t
+        emb[:, 0] = torch.where((a == 0).repeat(R // B)[:, None], pre[:, P - 1], emb[:, 0])
+        logits = _window_logits(gpt, emb, pos.repeat(R // B, 1) + P - 1, cache, key_mask)  # [R,T,V]: token a + t
         if guided:
             cond, uncond = logits[:B], logits[B:]
             logits = uncond + cfg_scale * (cond - uncond)

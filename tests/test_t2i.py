@@ -148,3 +148,15 @@ def test_continuous_gpt_reads_a_caption_prefix_as_the_teacher():
     torch.testing.assert_close(model.cfg_logits(x, ids, 2.5), gpt.cfg_logits(tokens, ids, 2.5), atol=1e-5, rtol=0)
     ar = ARDiffusion.from_teacher(ContinuousGPT.from_teacher(gpt, codebook_dim=40), head_width=16, head_depth=1)
     assert ar.backbone.num_classes == 3 and ar.features(x, ids).shape == (4, 9, 32)
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_sjd_greedy_equals_the_kv_cached_sampler_on_captions(window):
+    from dd import sjd
+
+    gpt = tiny_t2i()
+    ids = torch.tensor([0, 1, 2, 3, 1])
+    for s in (1.0, 3.0):
+        want = gpt.generate(ids, s, top_k=1)
+        got, passes = sjd.generate(gpt, ids, s, top_k=1, window=window, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(got, want) and (passes <= 9).all()
