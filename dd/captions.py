@@ -82,6 +82,22 @@ def sizes(side: int) -> tuple[int, int]:
     return side // 2, 3 * side // 4
 
 
+def _object(x: torch.Tensor, side: int, brightness: float) -> torch.Tensor | None:
+    """One image x [C, S, S] in [0, 1] -> its object (pixels above 10 % of the maximum) cropped to its box, resized
+    (aspect kept, antialiased) to a longer side of `side` px, its 99th percentile scaled to `brightness`; None when
+    the image is empty."""
+    fg = x.amax(0) > 0.1 * x.max().clamp_min(1e-6)
+    rows, cols = fg.any(1).nonzero().flatten(), fg.any(0).nonzero().flatten()
+    if len(rows) == 0:
+        return None
+    crop = x[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    h, w = crop.shape[-2:]
+    scale = side / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    obj = F.interpolate(crop[None], size, mode="bilinear", antialias=True, align_corners=False)[0]
+    return (obj * brightness / obj.flatten().quantile(0.99).clamp_min(1e-6)).clamp(0, 1)
+
+
 def render(images: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
     """uint8 images [N, C, S, S] (an object on a black background) and attributes [N, 3] -> uint8 [N, C, S, S]:
     the object's bounding box cropped, resized (aspect kept, antialiased) to the size's longer side, its
@@ -90,17 +106,11 @@ def render(images: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(N, C, S, S)
     x = images.float() / 255
     for i in range(N):
-        fg = x[i].amax(0) > 0.1 * x[i].max().clamp_min(1e-6)
-        rows, cols = fg.any(1).nonzero().flatten(), fg.any(0).nonzero().flatten()
-        if len(rows) == 0:
-            continue
-        crop = x[i, :, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
         side = sizes(S)[int(attrs[i, 0])]
-        h, w = crop.shape[-2:]
-        scale = side / max(h, w)
-        h2, w2 = max(1, round(h * scale)), max(1, round(w * scale))
-        obj = F.interpolate(crop[None], (h2, w2), mode="bilinear", antialias=True, align_corners=False)[0]
-        obj = (obj * BRIGHTNESS[int(attrs[i, 2])] / obj.flatten().quantile(0.99).clamp_min(1e-6)).clamp(0, 1)
+        obj = _object(x[i], side, BRIGHTNESS[int(attrs[i, 2])])
+        if obj is None:
+            continue
+        h2, w2 = obj.shape[-2:]
         x0 = (0 if int(attrs[i, 1]) == 0 else S - side) + (side - w2) // 2
         y0 = (S - h2) // 2
         out[i, :, y0:y0 + h2, x0:x0 + w2] = obj
@@ -145,16 +155,10 @@ def canonical(images: torch.Tensor) -> torch.Tensor:
     N, C, S, _ = x.shape
     out = torch.zeros_like(x)
     for i in range(N):
-        fg = x[i].amax(0) > 0.1 * x[i].max().clamp_min(1e-6)
-        rows, cols = fg.any(1).nonzero().flatten(), fg.any(0).nonzero().flatten()
-        if len(rows) == 0:
+        obj = _object(x[i], S - 4, 1.0)
+        if obj is None:
             continue
-        crop = x[i, :, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-        h, w = crop.shape[-2:]
-        scale = (S - 4) / max(h, w)
-        h2, w2 = max(1, round(h * scale)), max(1, round(w * scale))
-        obj = F.interpolate(crop[None], (h2, w2), mode="bilinear", antialias=True, align_corners=False)[0]
-        obj = (obj / obj.flatten().quantile(0.99).clamp_min(1e-6)).clamp(0, 1)
+        h2, w2 = obj.shape[-2:]
         y0, x0 = (S - h2) // 2, (S - w2) // 2
         out[i, :, y0:y0 + h2, x0:x0 + w2] = obj
     return out * 2 - 1
