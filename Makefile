@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # dvc stages run `python -m dd.stage ...`: put the venv first on PATH for them.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup data repro repro-gpu test clean-venv
+.PHONY: setup data repro repro-gpu repro-t2i test clean-venv
 
 setup: $(STAMP) data
 
@@ -43,3 +43,7 @@ clean-venv:
 # The GPU profile (profiles/gpu.yaml) as a DVC experiment on top of params.yaml; see README "GPU profile".
 repro-gpu: setup
 	$(BIN)/dvc exp run -n gpu $$($(BIN)/python -m dd.profile profiles/gpu.yaml)
+
+# The opt-in text-to-image family (profiles/t2i.yaml): its stages beside the default's, evaluate over all three.
+repro-t2i: setup
+	$(BIN)/dvc exp run -n t2i $$($(BIN)/python -m dd.profile profiles/t2i.yaml)

@@ -64,7 +64,7 @@ def skip_n(fam, tok, teacher, labels: torch.Tensor, n_skip: int, cfg, tokens_ref
            marginal_generator: torch.Generator | None = None, batch_size: int = 250, device="cpu") -> torch.Tensor:
     """The teacher's first N − n_skip AR steps (its KV-cached sampler `fam.steps`, `cfg` = the sample_teacher
     section), the last n_skip steps' positions drawn from the marginals of tokens_ref [M, L] (per class with
-    labels_ref). labels [B] → tokens [B, L] on the CPU. `generator` drives the teacher (on `device`),
+    labels_ref, grouped by `fam.groups`). labels [B] → tokens [B, L] on the CPU. `generator` drives the teacher (on `device`),
     `marginal_generator` the marginal draws (CPU)."""
     ends = step_ends(teacher)
     N = len(ends)
@@ -72,8 +72,9 @@ def skip_n(fam, tok, teacher, labels: torch.Tensor, n_skip: int, cfg, tokens_ref
         raise ValueError(f"skip_n: n_skip must be in [0, {N}], got {n_skip}")
     per_class = labels_ref is not None
     y = labels.cpu()
-    filled = onestep_star(tokens_ref.cpu(), len(y), marginal_generator, labels_ref.cpu() if per_class else None,
-                          y if per_class else None, teacher.vocab_size)
+    filled = onestep_star(tokens_ref.cpu(), len(y), marginal_generator,  # per condition group (t2i: what a caption asks)
+                          fam.groups(tok, labels_ref.cpu()) if per_class else None,
+                          fam.groups(tok, y) if per_class else None, teacher.vocab_size)
     step_fn = fam.sampler(cfg, generator)  # one generator through the batches, as `fam.sample` draws
     for i in range(0, len(y), batch_size):
         steps = fam.steps(tok, teacher, labels[i:i + batch_size].to(device), cfg, step_fn)

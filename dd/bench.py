@@ -150,7 +150,7 @@ def _method_name(method: str, steps: int | None, n_ar: int, table) -> str | None
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dd.bench", description="Latency and throughput of one method "
                                  "on the pipeline's trained models (run `dvc repro` first).")
-    ap.add_argument("--family", default="llamagen", choices=("llamagen", "var"))
+    ap.add_argument("--family", default="llamagen", choices=("llamagen", "var", "t2i"))
     ap.add_argument("--method", default="dd1", choices=("teacher", "sjd", "skip", "onestep", "dd1", "mixed",
                                                                 "dd2"))
     ap.add_argument("--steps", type=int, default=None, help="dd1: 1 or 2; dd2: k; skip: AR steps kept")

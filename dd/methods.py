@@ -82,7 +82,7 @@ def load(family: str, dirs: dict | None = None, device="cpu", need_students: boo
     fam = teachers.family(family)
     dev = torch.device(device)
     tok = teachers.load_model(io.path(d["tokenizer"], family), "tokenizer", fam.Tokenizer).to(dev).requires_grad_(False)
-    teacher = teachers.load_model(io.path(d["teacher"], family), "teacher", fam.Teacher).to(dev).requires_grad_(False)
+    teacher = teachers.load_model(io.path(d["teacher"], family), "teacher", fam.Teacher, tok).to(dev).requires_grad_(False)
     _, smeta = io.read_checked(io.path(d["samples"], family), "samples.safetensors")
     pmeta = io.read_json(io.path(d["pairs"], family, "meta.json"))
     out = Family(family, fam, tok, teacher, fam.codebook(tok).float().to(dev), dd1.step_ends(teacher),
@@ -97,7 +97,7 @@ def load(family: str, dirs: dict | None = None, device="cpu", need_students: boo
             if need_students:
                 raise FileNotFoundError(f"{path / (name + '.safetensors')} is missing: run `dvc repro train_{name}@{family}`")
             continue
-        model = teachers.load_model(path, name, cls).to(dev).requires_grad_(False)
+        model = teachers.load_model(path, name, cls, tok).to(dev).requires_grad_(False)
         meta = io.read_json(path / "meta.json")
         setattr(out, name, model)
         setattr(out, f"{name}_train", meta["train"])
@@ -131,8 +131,9 @@ def build(f: Family, skips: list[int] = (), multistep: list[int] | None = None, 
         return fn
 
     def onestep_fn(labels, noise, seed):
-        tokens = baselines.onestep_star(f.pairs["tokens"], len(labels), gens(seed)[1], f.pairs["labels"],
-                                        labels.cpu(), len(cb)).to(dev)
+        tokens = baselines.onestep_star(f.pairs["tokens"], len(labels), gens(seed)[1],
+                                        f.fam.groups(f.tok, f.pairs["labels"]), f.fam.groups(f.tok, labels),
+                                        len(cb)).to(dev)
         return tokens, cb[tokens]
 
     def sjd_fn(labels, noise, seed):
@@ -143,7 +144,7 @@ def build(f: Family, skips: list[int] = (), multistep: list[int] | None = None, 
         return tokens, cb[tokens]
 
     out = {"teacher": Method("teacher", N, n_teacher, teacher_fn, f.train_seconds.get("teacher"))}
-    if sjd_window > 0 and f.name == "llamagen":  # (VAR already decodes a scale in one pass)
+    if sjd_window > 0 and f.name != "var":  # (VAR already decodes a scale in one pass)
         out["sjd"] = Method("sjd", N, n_teacher, sjd_fn, f.train_seconds.get("teacher"))
     for n in skips:
         if not 0 < n < N:

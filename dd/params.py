@@ -72,8 +72,8 @@ def family_keys(cls: type, doc: str):
 
 @dataclass(frozen=True)
 class Pipeline:
-    families: list = names(("llamagen", "var"), "the teacher families every per-family stage runs for (dvc.yaml's "
-                           "foreach) and evaluate compares")
+    families: list = names(("llamagen", "var", "t2i"), "the teacher families every per-family stage runs for "
+                           "(dvc.yaml's foreach) and evaluate compares (t2i: opt-in, README)")
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,14 @@ class TeacherVar:
     source: str = choice(("train", "official"), "train the tokenizer and teacher here, or load released files")
     tokenizer_path: str = text("official: the released VQVAE (vae_ch160v4096z32.pth)")
     teacher_path: str = text("official: the released VAR (var_d16.pth)")
+
+
+@dataclass(frozen=True)
+class TeacherT2I:
+    source: str = choice(("train",), "the t2i tokenizer and teacher are trained here (a released LlamaGen T2I model "
+                         "reads FLAN-T5 features of its own captions: dd.llamagen.load_gpt)")
+    caption_tokens: int = num("text-encoder tokens of the caption prefix (cls_token_num; captions left-padded)",
+                              lo=2, hi=512)
 
 
 @dataclass(frozen=True)
@@ -334,20 +342,22 @@ class Evaluate:
                                      "VIRTUAL_imagenet256_labeled.npz); empty: the prepared test split's statistics")
     llamagen: EvaluateLlamaGen = family_keys(EvaluateLlamaGen, "the LlamaGen family's own keys")
     var: EvaluateFamily = family_keys(EvaluateFamily, "the VAR family's own keys")
+    t2i: EvaluateLlamaGen = family_keys(EvaluateLlamaGen, "the text-to-image family's own keys")
 
 
 SECTIONS: dict[str, type | dict] = {
     "pipeline": Pipeline, "base": Base, "runtime": Runtime, "prepare": Prepare, "features": Features,
-    "teacher": {"llamagen": Teacher, "var": TeacherVar},
-    "train_tokenizer": {"llamagen": TrainTokenizerLlamaGen, "var": TrainTokenizerVar},
-    "train_teacher": {"llamagen": TrainTeacherLlamaGen, "var": TrainTeacherVar},
-    "sample_teacher": {"llamagen": SampleTeacherLlamaGen, "var": SampleTeacherVar},
-    "build_trajectories": {"llamagen": BuildTrajectories, "var": BuildTrajectories},
-    "train_dd1": {"llamagen": TrainDD1, "var": TrainDD1},
-    "train_dd2": {"llamagen": TrainDD2, "var": TrainDD2},
+    "teacher": {"llamagen": Teacher, "var": TeacherVar, "t2i": TeacherT2I},
+    "train_tokenizer": {"llamagen": TrainTokenizerLlamaGen, "var": TrainTokenizerVar, "t2i": TrainTokenizerLlamaGen},
+    "train_teacher": {"llamagen": TrainTeacherLlamaGen, "var": TrainTeacherVar, "t2i": TrainTeacherLlamaGen},
+    "sample_teacher": {"llamagen": SampleTeacherLlamaGen, "var": SampleTeacherVar, "t2i": SampleTeacherLlamaGen},
+    "build_trajectories": {"llamagen": BuildTrajectories, "var": BuildTrajectories, "t2i": BuildTrajectories},
+    "train_dd1": {"llamagen": TrainDD1, "var": TrainDD1, "t2i": TrainDD1},
+    "train_dd2": {"llamagen": TrainDD2, "var": TrainDD2, "t2i": TrainDD2},
     "evaluate": Evaluate,
 }
-FAMILIES = ("llamagen", "var")
+FAMILIES = ("llamagen", "var", "t2i")
+DEFAULT_FAMILIES = ("llamagen", "var")  # params.yaml's pipeline.families (t2i: opt-in)
 
 
 # ---------------------------------------------------------------------------------------------- checks

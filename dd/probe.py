@@ -52,8 +52,8 @@ class Probe:
             tokens.append(t), emb.append(e)
         weights.train(was_training)
         tokens, emb = torch.cat(tokens), torch.cat(emb)
-        m = metrics.sample_metrics(self.net, self.ref, dd1.decode(self.tok, emb, self.normalize).cpu(),
-                                   self.labels.cpu(), self.dataset, self.k_nn, self.device)
+        m = self.fam.quality(self.tok, self.net, self.ref, dd1.decode(self.tok, emb, self.normalize).cpu(),
+                             self.labels.cpu(), self.dataset, self.k_nn, self.device)
         nll = teachers.nll(self.fam, self.tok, self.teacher, tokens, self.labels, self.batch_size, self.device)
         fid = metrics.fid_name(self.dataset)
         self.seconds += time.perf_counter() - t0

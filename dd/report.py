@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-FAMILIES = {"llamagen": "LlamaGen-style", "var": "VAR-style"}
+FAMILIES = {"llamagen": "LlamaGen-style", "var": "VAR-style", "t2i": "LlamaGen-style T2I"}
 
 # The papers' ImageNet-256 rows that correspond to our methods (FID-50k with Inception features, their models):
 # {family: {our method (prefix): (paper row, FID as printed there, speed-up over the teacher or None)}}.

@@ -27,7 +27,7 @@ from . import data, io
 
 GAP = 8  # white pixels between panels of a mosaic
 DPI = 100
-FAMILY_NAMES = {"llamagen": "LlamaGen", "var": "VAR"}  # as the papers write them
+FAMILY_NAMES = {"llamagen": "LlamaGen", "var": "VAR", "t2i": "LlamaGen T2I"}  # as the papers write them
 
 
 def scale(*values, base: int = 10):

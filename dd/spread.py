@@ -26,14 +26,14 @@ PAIRS = (("dd1 2-step", "dd1 1-step"), ("dd1 1-step", "onestep*"), ("teacher", "
 
 @torch.no_grad()
 def run(seeds: list[int], names=METHODS, n_eval: int = 1000, batch_size: int = 250, device="cpu",
-        dirs: dict | None = None) -> list[dict]:
+        dirs: dict | None = None, families=params.DEFAULT_FAMILIES) -> list[dict]:
     """One row per (family, method, seed): {"family", "method", "seed", fid_key, "precision", "recall", "class_acc"}.
 
     seed s: noise = randn(generator seeded s), the samplers' randomness from s, as the evaluation stage draws them."""
     d = {"features": "data/features", "samples": "data/sample_teacher", **(dirs or {})}
     net, ref, meta = metrics.load_feature_space(d["features"], device)
     rows = []
-    for family in params.FAMILIES:
+    for family in families:
         f = methods.load(family, device=device)
         table = methods.build(f, batch_size=batch_size)
         missing = [n for n in names if n not in table]
@@ -46,7 +46,7 @@ def run(seeds: list[int], names=METHODS, n_eval: int = 1000, batch_size: int = 2
             for name in names:
                 _, emb = methods.run(table[name], labels, noise, s, batch_size)
                 images = dd1.decode(f.tok, emb, table[name].normalize).cpu()
-                q = metrics.sample_metrics(net, ref, images, labels.cpu(), meta["dataset"], meta["k_nn"], device)
+                q = f.fam.quality(f.tok, net, ref, images, labels.cpu(), meta["dataset"], meta["k_nn"], device)
                 rows.append({"family": family, "method": name, "seed": s, **q})
     return rows
 
@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     import seaborn as sns
 
     dev = io.resolve_device(a.device)
-    rows = run([seed + k for k in range(a.seeds)], names, ev.n_eval, ev.eval_batch, dev)
+    rows = run([seed + k for k in range(a.seeds)], names, ev.n_eval, ev.eval_batch, dev,
+               families=cfg["pipeline"].families)
     # the first seed is the evaluation's own draw: its figures must be the stage's
     reported = io.read_json(io.path("reports/metrics/evaluate.json"))
     fid_key = reported["fid_key"]

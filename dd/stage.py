@@ -52,8 +52,9 @@ def declared_sections(root: Path, stage: str, family: str | None = None) -> list
         raise ValueError(f"dvc.yaml has no stage {stage!r}; stages: {', '.join(stages)}")
     spec = stages[stage]
     if "foreach" in spec:
-        if family not in _items(spec):
-            raise ValueError(f"stage {stage} runs per family; pass --family, one of: {', '.join(_items(spec))}")
+        if family not in _items(spec, P.FAMILIES):
+            raise ValueError(f"stage {stage} runs per family; pass --family, one of: "
+                             f"{', '.join(_items(spec, P.FAMILIES))}")
         spec = spec["do"]
     entries = [*spec.get("params", []), *(spec.get("meta") or {}).get("untracked", [])]
     return [e.replace("${item}", family or "") for e in entries if isinstance(e, str)]
@@ -156,7 +157,7 @@ def run(stage: str, family: str | None = None, root: Path | None = None, cfg: di
 FAMILIES_VAR = "${pipeline.families}"  # dvc.yaml's foreach of the per-family stages: params.yaml's families
 
 
-def _items(spec: dict, families=P.FAMILIES) -> list:
+def _items(spec: dict, families=P.DEFAULT_FAMILIES) -> list:
     """The items of a dvc.yaml stage: a foreach list, params.yaml's `families` for `${pipeline.families}`, else
     [None] (a stage that runs once)."""
     if "foreach" not in spec:
@@ -164,7 +165,7 @@ def _items(spec: dict, families=P.FAMILIES) -> list:
     return list(families) if spec["foreach"] == FAMILIES_VAR else list(spec["foreach"])
 
 
-def pipeline(root: Path, families=P.FAMILIES) -> list[tuple[str, str | None]]:
+def pipeline(root: Path, families=P.DEFAULT_FAMILIES) -> list[tuple[str, str | None]]:
     """Every stage instance of dvc.yaml in its order: [(stage, family or None)], a foreach stage once per item
     (`families`: pipeline.families of the params in use)."""
     import yaml

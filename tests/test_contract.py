@@ -21,11 +21,12 @@ EXECUTION = {"runtime.nproc", "runtime.torch_compile"}  # how a stage runs, not 
 
 
 def _instances(name, stage):
-    """(instance name, family or None, concrete stage dict) — expands `foreach` over families."""
+    """(instance name, family or None, concrete stage dict) — expands `foreach` over every family (the opt-in ones
+    too: the contract holds whichever families params.yaml runs)."""
     if "foreach" not in stage:
         return [(name, None, stage)]
     out = []
-    for fam in S._items(stage, CFG["pipeline"].families):
+    for fam in S._items(stage, P.FAMILIES):
         text = json.dumps(stage["do"]).replace("${item}", fam)
         out.append((f"{name}@{fam}", fam, json.loads(text)))
     return out

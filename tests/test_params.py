@@ -123,7 +123,7 @@ def test_flat_section_with_family_subsections():
     with pytest.raises(P.ParamsError, match=r"evaluate\.var\.skip_n is missing; skip-n baselines"):
         _section("evaluate", var={})
     layout = P.as_parameters(cfg)  # a notebook's parameters cell: one variable, keyed by family
-    assert layout["skip_n"] == {"llamagen": [16, 32], "var": [2]} and "var" not in layout
+    assert layout["skip_n"] == {"llamagen": [16, 32], "var": [2], "t2i": [16, 32]} and "var" not in layout
     assert P.pick("evaluate", layout) == cfg
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from dd import io
 
@@ -16,32 +17,39 @@ ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 # Toy sizes: every stage runs its real code path in seconds.
+# t2i (the opt-in text-to-image family, LlamaGen's toy sizes) adds ~3 min: DD_TOY_FAMILIES=llamagen,var,t2i
+FAMILIES = tuple(os.environ.get("DD_TOY_FAMILIES", "llamagen,var").split(","))
 TOY = {
+    "pipeline": {"families": list(FAMILIES)},
     "runtime": {"nproc": 2},  # every training stage under torchrun (2 gloo processes), as a multi-GPU run would
     "prepare": {"max_train": 1500, "max_test": 300},
     "features": {"n_steps": 40, "batch_size": 32, "width": 8, "warmup_steps": 5, "n_ref": 0},
-    "train_tokenizer": {"llamagen": {"n_steps": 10, "batch_size": 8, "warmup_steps": 2, "codebook_size": 64},
+    "train_tokenizer": {**{fam: {"n_steps": 10, "batch_size": 8, "warmup_steps": 2, "codebook_size": 64}
+                           for fam in ("llamagen", "t2i")},
                         "var": {"n_steps": 10, "batch_size": 8, "warmup_steps": 2, "vocab_size": 64}},
-    "train_teacher": {"llamagen": {"dim": 32, "n_layer": 1, "n_head": 2, "n_steps": 20, "batch_size": 32,
-                                   "warmup_steps": 2},
+    "train_teacher": {**{fam: {"dim": 32, "n_layer": 1, "n_head": 2, "n_steps": 20, "batch_size": 32,
+                               "warmup_steps": 2} for fam in ("llamagen", "t2i")},
                       "var": {"depth": 1, "embed_dim": 32, "num_heads": 2, "n_steps": 20, "batch_size": 16,
                               "warmup_steps": 2}},
-    "sample_teacher": {"llamagen": {"n_samples": 20, "batch_size": 20, "latency_repeats": 1, "throughput_batch": 8},
-                       "var": {"n_samples": 20, "batch_size": 20, "latency_repeats": 1, "throughput_batch": 8}},
+    "sample_teacher": {fam: {"n_samples": 20, "batch_size": 20, "latency_repeats": 1, "throughput_batch": 8}
+                       for fam in FAMILIES},
     "build_trajectories": {fam: {"n_pairs": 40, "shard_size": 16, "build_batch": 20, "flow_steps": 8, "n_check": 20,
-                                 "convergence_steps": [4, 8]} for fam in ("llamagen", "var")},
+                                 "convergence_steps": [4, 8],
+                                 # t2i: onestep* and skip-n need pairs of each (class, attributes) a caption asks for
+                                 **({"n_pairs": 800, "shard_size": 400, "build_batch": 200} if fam == "t2i" else {})}
+                           for fam in FAMILIES},
     # (LlamaGen reads its last AR steps from the continuous head, VAR every position from the logits: both paths run)
     # (an EMA of 0.5 over 6 steps keeps 1.6 % of the initial weights: params reject more than 5 %)
     "train_dd1": {fam: {"n_steps": 6, "batch_size": 8, "warmup_steps": 2, "ema_decay": 0.5, "eval_every": 3,
                         "n_eval": 20, "eval_batch": 10,
                         **({"split": 16, "cont_loss": "embed"} if fam == "llamagen" else {})}
-                  for fam in ("llamagen", "var")},
+                  for fam in FAMILIES},
     "train_dd2": {fam: {"n_gts_samples": 40, "sample_batch": 10, "mlp_steps": 5, "adapt_steps": 2, "head_width": 16,
                         "head_depth": 1, "gts_head_steps": 3, "gts_full_steps": 2, "gts_batch": 8, "n_noise": 2,
                         "n_euler": 2, "n_steps": 3, "batch_size": 4, "warmup_steps": 1, "k_guide": 2, "align_at": 2,
-                        "align_steps": 1, "n_eval": 20, "n_eval_ardiff": 10} for fam in ("llamagen", "var")},
+                        "align_steps": 1, "n_eval": 20, "n_eval_ardiff": 10} for fam in FAMILIES},
     "evaluate": {"n_eval": 20, "eval_batch": 10, "latency_repeats": 1, "throughput_batch": 4,
-                 "llamagen": {"skip_n": [16]}, "var": {"skip_n": [1]}},
+                 "llamagen": {"skip_n": [16]}, "var": {"skip_n": [1]}, "t2i": {"skip_n": [16], "sjd_window": 0}},
 }
 
 
@@ -71,7 +79,7 @@ def toy_repo(tmp_path_factory):
 
 def test_repro_writes_reports_data_and_metrics(toy_repo):
     tmp, _, _ = toy_repo
-    for stage in ("01_prepare", "02_features", "09_evaluate", *(f"{nb}_{fam}" for fam in ("llamagen", "var") for nb in
+    for stage in ("01_prepare", "02_features", "09_evaluate", *(f"{nb}_{fam}" for fam in FAMILIES for nb in
                                                   ("03_train_tokenizer", "04_train_teacher", "05_sample_teacher",
                                                    "06_build_trajectories", "07_train_dd1", "08_train_dd2"))):
         assert (tmp / f"reports/{stage}.ipynb").stat().st_size > 0
@@ -83,33 +91,34 @@ def test_repro_writes_reports_data_and_metrics(toy_repo):
     key = "fid_fmnist" if FMNIST.exists() else "fid_mnist5k"
     assert s["train"][key] < s["blurred_test"][key] < s["noise"][key]
     assert 0 < m["test_accuracy"] <= 1
-    for fam, steps in (("llamagen", 64), ("var", 6)):
+    for fam, steps in ((f, 6 if f == "var" else 64) for f in FAMILIES):
         s = io.read_json(tmp / f"reports/metrics/sample_teacher_{fam}.json")
         assert s["ar_steps"] == steps and s["latency_s"] > 0 and 0 <= s["class_acc"] <= 1 and s["test_nll_bits"] > 0
         b = io.read_json(tmp / f"reports/metrics/build_trajectories_{fam}.json")
-        assert b["n_pairs"] == 40 and b["deterministic"] == 1.0 and b["pairs_per_s"] > 0
-        assert len(list((tmp / f"data/build_trajectories/{fam}").glob("pairs_*.safetensors"))) == 3
+        n_pairs = TOY["build_trajectories"][fam]["n_pairs"]
+        assert b["n_pairs"] == n_pairs and b["deterministic"] == 1.0 and b["pairs_per_s"] > 0
+        assert len(list((tmp / f"data/build_trajectories/{fam}").glob("pairs_*.safetensors"))) == (3 if fam != "t2i" else 2)
         d = io.read_json(tmp / f"reports/metrics/train_dd1_{fam}.json")
         assert set(d["methods"]) >= {"teacher", "onestep*", "dd1 1-step", "dd1 2-step"}
         assert d["methods"]["dd1 1-step"]["steps"] == 1 and d["methods"]["teacher"]["steps"] == steps
-        assert d["n_pairs"] == 40 and d["train_seconds"] > 0 and d["speedup_tokens_batch1"] > 0
+        assert d["n_pairs"] == n_pairs and d["train_seconds"] > 0 and d["speedup_tokens_batch1"] > 0
         m = {k: v[key] for k, v in d["methods"].items()}
         assert d["onestep_gap_closed"] == pytest.approx((m["onestep*"] - m["dd1 1-step"]) / (m["onestep*"] - m["teacher"]))
         d2 = io.read_json(tmp / f"reports/metrics/train_dd2_{fam}.json")
         assert set(d2["methods"]) == {"teacher", "dd1 1-step", "ar-diffusion", "dd2 1-step", "dd2 2-step"}
         assert d2["methods"]["dd2 1-step"]["steps"] == 1 and d2["methods"]["dd2 2-step"]["steps"] == 2
         assert d2["cost_seconds"]["dd2"] > 0 and d2["cost_seconds"]["dd1"] > 0 and d2["speedup_tokens_batch1"] > 0
-        assert (fam == "llamagen") == ("continuous input" in d2["cost_seconds"]["dd2_parts"])
+        assert (fam != "var") == ("continuous input" in d2["cost_seconds"]["dd2_parts"])
         for stage, ckpt in (("train_tokenizer", "train_state"), ("train_teacher", "train_state"),
                             ("train_dd1", "train_state"), ("train_dd2", "gts_full_state")):  # trained on 2 processes
             state = torch.load(tmp / f"data/{stage}/{fam}/{ckpt}.pt", weights_only=True)
             assert state["fingerprint"]["world"] == 2 and len(state["rng_ranks"]) == 2, (stage, fam)
         assert not list((tmp / "data").rglob("*.job.pt"))  # launch.call cleans up after itself
         ev = io.read_json(tmp / "reports/metrics/evaluate.json")[fam]
-        skip = "skip-16" if fam == "llamagen" else "skip-1"
+        skip = "skip-1" if fam == "var" else "skip-16"
         assert list(ev) == ["teacher", *(["sjd"] if fam == "llamagen" else []), skip, "onestep*", "dd1 1-step",
                             "dd1 2-step", next(k for k in ev if "mixed" in k), "dd2 1-step", "dd2 2-step"]
-        assert ev["teacher"]["steps"] == steps and ev[skip]["steps"] == steps - (16 if fam == "llamagen" else 1)
+        assert ev["teacher"]["steps"] == steps and ev[skip]["steps"] == steps - (1 if fam == "var" else 16)
         assert ev["dd1 1-step"]["fid_fmnist" if FMNIST.exists() else "fid_mnist5k"] > 0
         assert all(m["latency_ms"] > 0 and m["teacher_nll_bits"] > 0 for m in ev.values())
         assert ev["onestep*"]["train_min"] is None and ev["dd1 1-step"]["train_min"] > 0
@@ -126,6 +135,16 @@ def test_repro_writes_reports_data_and_metrics(toy_repo):
         # the evaluation reproduces the training stage's own DD1 figure (same labels, same noise)
         key = "fid_fmnist" if FMNIST.exists() else "fid_mnist5k"
         assert abs(ev["dd1 1-step"][key] - d["methods"]["dd1 1-step"][key]) < 1e-6
+    if "t2i" not in FAMILIES:
+        return
+    # t2i: evaluated on held-out captions, every attribute measured for every method
+    tok_meta = io.read_json(tmp / "data/train_tokenizer/t2i/meta.json")
+    texts = json.loads((tmp / "data/train_tokenizer/t2i/captions.json").read_text())
+    assert len(texts) == tok_meta["n_captions"] > tok_meta["num_classes"]  # the training captions come first
+    samples = load_file(tmp / "data/sample_teacher/t2i/samples.safetensors")
+    assert (samples["labels"] >= tok_meta["num_classes"]).all()
+    for name, m in io.read_json(tmp / "reports/metrics/evaluate.json")["t2i"].items():
+        assert all(0 <= m[f"{a}_acc"] <= 1 for a in ("class", "size", "position", "brightness")), name
 
 
 def test_second_repro_is_up_to_date(toy_repo):
