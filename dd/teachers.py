@@ -10,8 +10,9 @@ Text-to-image (`t2i`): the LlamaGen family with a caption prefix. Its labels are
 (`dd.captions`: every caption's text features, the class and the attributes it asks for), carried by its tokenizer
 (`CaptionedVQ`), so the stages pass [N] ints as they do for classes. Beside the ordinary interface a family has the
 hooks that make that possible: `dataset` (the images and labels a family trains on), `eval_labels` (the evaluation's
-conditions), `groups` (labels -> the condition groups per-class baselines use) and `quality` (the metrics of
-generated images: for t2i the class judge on `captions.canonical` images and each attribute's measured accuracy).
+conditions), `groups` (labels -> the condition groups per-class baselines use), `classes` (the classes labels ask
+for) and `quality` (the metrics of generated images: for t2i the class judge on `captions.canonical` images and each
+attribute's measured accuracy).
 
 Hand-offs: weights as safetensors, the constructor config in the stage's `meta.json`, so
 `load_model(folder, name, cls)` rebuilds a model without pickles (a t2i model with `tok=`, for its caption bank).
