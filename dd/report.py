@@ -32,7 +32,11 @@ PAPER = {
             "skip-2": ("skip-2 of 10", "40.09", 1.4), "onestep*": ("onestep*", "157.5", None),
             "dd1 1-step": ("DD1 1-step", "9.94", 6.3), "dd1 2-step": ("DD1 2-step", "7.82", 3.7),
             "dd1 mixed": ("DD1 pre-trained-4-6", "5.47", 2.1), "dd2 1-step": ("DD2 1-step (VAR-d16)", "6.21", 7.0)},
+    # DD1's text-to-image row (LlamaGen T2I on LAION-COCO captions; FID-5k against COCO in the paper's Tab. 3)
+    "t2i": {"teacher": ("LlamaGen T2I, 256 steps", "25.70", None), "dd1 2-step": ("DD1 2-step", "28.95", 92.9)},
 }
+# The t2i family's committed run when the workspace's evaluate has none (`make repro-t2i` adds it there).
+T2I_RUN = "t2i/run"
 
 
 def _read(folder: Path, name: str) -> dict | None:
@@ -71,7 +75,7 @@ def results(metrics_dir: Path) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * 6 + "---|"]
     for fam, title in FAMILIES.items():
         methods = d.get(fam, {})
-        if not methods:
+        if not methods or fam == "t2i":  # (its own table: `t2i`)
             continue
         out.append(f"| **{title}** |" + " |" * (len(head) - 1))
         for name, m in methods.items():
@@ -97,6 +101,28 @@ def results(metrics_dir: Path) -> list[str]:
                 f"{_fmt(s['train'][fid])}, its blurred copy {_fmt(s['blurred_test'][fid])}, a per-class patchwork of "
                 f"4 × 4-px blocks of real images {_fmt(s['patchwork_4px'][fid])}; classifier held-out accuracy "
                 f"{feats['test_accuracy']:.1%}."]
+    return out
+
+
+def t2i(metrics_dir: Path) -> list[str]:
+    """The text-to-image family's table: quality, class accuracy and each attribute's measured accuracy, speed-up;
+    from the workspace's evaluate when it has the family, else from the committed t2i run (`reports/t2i/run`)."""
+    d = _read(metrics_dir, "evaluate")
+    if not (d and d.get("t2i")):
+        d = _read(metrics_dir.parent / T2I_RUN, "evaluate")
+    if not (d and d.get("t2i")):
+        return ["(no t2i rows yet: run `make repro-t2i`)"]
+    fid, rows = d["fid_key"], d["t2i"]
+    attrs = [k for k in next(iter(rows.values())) if k.endswith("_acc") and k != "class_acc"]
+    head = ["method", "steps", fid, "class", *(a.removesuffix("_acc") for a in attrs), "ms / image", "speed-up",
+            "paper (FID, speed-up)"]
+    out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+    for name, m in rows.items():
+        out.append("| " + " | ".join([name, _steps(m), f"{m[fid]:.1f}", *(f"{m[k]:.0%}" for k in ("class_acc", *attrs)),
+                                      f"{m['latency_ms']:.1f}", f"{m['speedup']:.1f}×", _paper("t2i", name)]) + " |")
+    out += ["", f"{d['n_eval']:,} samples per method on held-out caption templates, the same captions for every "
+            f"method; {fid} and class (chance 10 %) on the images with the attributes undone (`captions.canonical`), "
+            "each attribute measured on the pixels (chance 50 %). Measured on " + _device(d) + "."]
     return out
 
 
@@ -194,7 +220,8 @@ def paper_costs(reports: Path) -> list[str]:
 
 
 # name -> builder(metrics_dir): the markers' name in README.md and what goes between them.
-BLOCKS = {"results": results, "cost": costs, "stage-times": lambda metrics_dir: stage_times(metrics_dir.parent),
+BLOCKS = {"results": results, "t2i": t2i, "cost": costs,
+          "stage-times": lambda metrics_dir: stage_times(metrics_dir.parent),
           "paper-costs": lambda metrics_dir: paper_costs(metrics_dir.parent)}
 
 

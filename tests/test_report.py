@@ -116,3 +116,21 @@ def test_cost_table_states_both_methods_at_equal_cost(tmp_path):
     assert lines[2] == ("| LlamaGen-style | 10.0 / 10.5 | 13.6 / 24.6 (1.81) at 10.0 min | 13.6 / 24.0 (12.9) | "
                         "13.0 ± 0.2 / 25.5 ± 0.4 | not within its budget |")
     assert "500 one-step samples" in lines[-1] and "over 3 noise draws" in lines[-1]
+
+
+def test_t2i_table_has_the_attributes_and_falls_back_to_the_committed_run(tmp_path):
+    metrics = _reports(tmp_path)
+    assert report.t2i(metrics) == ["(no t2i rows yet: run `make repro-t2i`)"]
+    acc = {"class_acc": 0.61, "size_acc": 0.9, "position_acc": 0.874, "brightness_acc": 0.99}
+    run = {**json.loads((metrics / "evaluate.json").read_text()),
+           "t2i": {"teacher": {**ROW, **acc, "steps": 64, "speedup": 1.0}, "dd1 2-step": {**ROW, **acc, "steps": 2}}}
+    (tmp_path / "reports" / "t2i" / "run").mkdir(parents=True)
+    (tmp_path / "reports" / "t2i" / "run" / "evaluate.json").write_text(json.dumps(run))
+    table = [line for line in report.t2i(metrics) if line.startswith("|")]
+    assert table[0].startswith("| method | steps | fid_fmnist | class | size | position | brightness | ms / image |")
+    assert table[2] == "| teacher | 64 | 12.5 | 61% | 90% | 87% | 99% | 3.0 | 1.0× | LlamaGen T2I, 256 steps: 25.70 |"
+    assert table[3].endswith("| DD1 2-step: 28.95, 92.9× |")
+    # the workspace's own t2i rows win, and the main table leaves them to this one
+    (metrics / "evaluate.json").write_text(json.dumps({**run, "t2i": {"teacher": {**ROW, **acc, "fid_fmnist": 9.0}}}))
+    assert "| teacher | 1 | 9.0 |" in "\n".join(report.t2i(metrics))
+    assert not any("T2I" in line for line in report.results(metrics))
