@@ -38,10 +38,10 @@ def standardize(feats: torch.Tensor, mask: torch.Tensor, n_ref: int, eps: float 
     return (feats - ref.mean(0)) / (ref.std(0) + eps) * mask[..., None]
 
 
-def tokenizer(folder: Path, tcfg, seed: int, standardize: bool):
+def tokenizer(folder: Path, tcfg, seed: int, std: bool):
     """The family's tokenizer trained on the rendered training images (cached), its caption bank, and the tokens."""
     train_split, test_split, meta, cond = FAM.dataset(folder, tcfg, seed)
-    if standardize:
+    if std:
         cond["captions"] = standardize(cond["captions"], cond["caption_mask"], cond["n_train"])
     cfg = params.read_section("train_tokenizer", "t2i")
     torch.manual_seed(seed)  # as the train_tokenizer stage
