@@ -19,10 +19,11 @@ from . import dd1, metrics, teachers
 NOISE_SEED_OFFSET = 7  # the probe's noise: base.seed + 7, apart from the evaluation's draws (base.seed + k, k < 7)
 
 
-def fixed_inputs(n: int, num_classes: int, shape: tuple[int, int], seed: int, device="cpu"):
-    """The probe set: labels 0, 1, ..., C−1, 0, ... [n] and noise [n, L, D] from base.seed + NOISE_SEED_OFFSET."""
+def fixed_inputs(n: int, fam, tok, num_classes: int, shape: tuple[int, int], seed: int, device="cpu"):
+    """The probe set: the evaluation's first n labels (`fam.eval_labels`: the classes in turn; t2i: held-out captions,
+    classes in turn) and noise [n, L, D] from base.seed + NOISE_SEED_OFFSET."""
     noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET))
-    return torch.arange(n, device=device) % num_classes, noise.to(device)
+    return fam.eval_labels(tok, n, num_classes, seed).to(device), noise.to(device)
 
 
 class Probe:

@@ -1,6 +1,9 @@
-import pytest
+from types import SimpleNamespace
 
-from dd import probe
+import pytest
+import torch
+
+from dd import probe, teachers
 
 
 def _pts(costs, values):
@@ -35,5 +38,17 @@ def test_curve_adds_sequences_and_cumulative_cost():
 
 
 def test_dd1_and_dd2_probe_the_same_labels_and_noise():
-    (y1, e1), (y2, e2) = probe.fixed_inputs(30, 10, (6, 4), 0), probe.fixed_inputs(30, 10, (6, 4), 0)
+    fam = teachers.LlamaGen
+    (y1, e1), (y2, e2) = (probe.fixed_inputs(30, fam, None, 10, (6, 4), 0) for _ in range(2))
     assert (y1 == y2).all() and (e1 == e2).all() and y1.tolist()[:12] == [*range(10), 0, 1]
+
+
+def test_probe_labels_are_the_evaluations_first_ones():
+    """t2i: the probe reads held-out captions, classes in turn, as the evaluation does (not the first caption ids,
+    which all ask for the first classes)."""
+    ids = torch.arange(60)  # 40 training captions, 20 held-out; caption i asks for class i % 10
+    tok = SimpleNamespace(n_train=40, captions=torch.zeros(60, 2, 3),
+                          caption_info=torch.stack([ids % 10, ids % 2, ids // 2 % 2, ids // 4 % 2], 1))
+    y, _ = probe.fixed_inputs(10, teachers.T2I, tok, 40, (6, 4), 3)
+    assert (y == teachers.T2I.eval_labels(tok, 30, 40, 3)[:10]).all() and (y >= 40).all()
+    assert sorted(teachers.T2I.classes(tok, y).tolist()) == list(range(10))
