@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from . import dd1, metrics, teachers
+from . import dd1, metrics, teachers, train
 
 NOISE_SEED_OFFSET = 7  # the probe's noise: base.seed + 7, apart from the evaluation's draws (base.seed + k, k < 7)
 
@@ -39,6 +39,8 @@ class Probe:
         self.labels, self.noise, self.every, self.last = labels, noise, every, last
         self.batch_size, self.device, self.normalize = batch_size, device, normalize
         self.seconds = 0.0
+        # part of the training's resume fingerprint: a checkpoint whose rows another probe wrote is not resumed
+        self.key = f"{train.inputs_digest([], {'labels': labels, 'noise': noise})}/{every}/{dataset}"
 
     @torch.no_grad()
     def __call__(self, step: int, weights) -> dict | None:

@@ -370,7 +370,9 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=cfg.betas)
-    run = Run(ckpt_path, cfg.n_steps, fingerprint(cfg, [model], data, n=n, **({"world": world} if world > 1 else {})),
+    more = {"n": n, **({"world": world} if world > 1 else {}),
+            **({"probe": probe.key} if hasattr(probe, "key") else {})}  # (`dd.probe.Probe`: its labels and noise)
+    run = Run(ckpt_path, cfg.n_steps, fingerprint(cfg, [model], data, **more),
               {"model": model, "ema": ema, "optimizer": opt}, {"records": []}, desc=desc, device=device)
     run.resume()
     compute = torch.compile(loss_fn) if cfg.torch_compile else loss_fn

@@ -188,6 +188,24 @@ def test_checkpoint_of_other_weights_or_data_is_not_resumed(tmp_path):
     assert train.fit(_model(), _loss, other_data, CFG, tmp_path / "ck.pt")["resumed_from"] == 0
 
 
+def test_checkpoint_whose_probe_rows_another_probe_wrote_is_not_resumed(tmp_path):
+    """A finished run's probe rows come back with its checkpoint: a probe with other labels or noise (its `key`)
+    starts afresh, so a curve never mixes two probes' rows."""
+    class Probe:
+        def __init__(self, key):
+            self.key = key
+
+        def __call__(self, step, weights):
+            return {"step": step, "key": self.key} if step % 20 == 0 else None
+
+    data = _setup()
+    first = train.fit(_model(), _loss, data, CFG, tmp_path / "ck.pt", probe=Probe("a"))
+    again = train.fit(_model(), _loss, data, CFG, tmp_path / "ck.pt", probe=Probe("a"))
+    assert again["resumed_from"] == 60 and again["records"] == first["records"]
+    other = train.fit(_model(), _loss, data, CFG, tmp_path / "ck.pt", probe=Probe("b"))
+    assert other["resumed_from"] == 0 and {r["key"] for r in other["records"]} == {"b"}
+
+
 def test_bf16_autocast_trains_fp32_weights_close_to_fp32(tmp_path):
     """precision "bf16": the loss runs under bf16 autocast (its matmuls in bf16), the weights, optimizer state and
     EMA stay fp32, and training lands near the fp32 run (bf16 keeps ~3 significant digits)."""
