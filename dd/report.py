@@ -35,7 +35,7 @@ PAPER = {
     # DD1's text-to-image row (LlamaGen T2I on LAION-COCO captions; FID-5k against COCO in the paper's Tab. 3)
     "t2i": {"teacher": ("LlamaGen T2I, 256 steps", "25.70", None), "dd1 2-step": ("DD1 2-step", "28.95", 92.9)},
 }
-# The t2i family's committed run (its stages' notebooks, metrics/ and samples.png), for when the workspace's
+# The t2i family's committed run (its stages' notebooks, metrics/ and the figures), for when the workspace's
 # evaluate has no t2i rows (`make repro-t2i` adds them there).
 T2I_RUN = "t2i/run"
 T2I_ROWS = ("teacher", "sjd", "onestep*", "dd1 1-step", "dd1 2-step", "dd2 1-step")  # (all of them: evaluate.json)
@@ -109,10 +109,9 @@ def results(metrics_dir: Path) -> list[str]:
 def t2i(metrics_dir: Path) -> list[str]:
     """The text-to-image family's table: quality, class accuracy and each attribute's measured accuracy, speed-up;
     from the workspace's evaluate when it has the family, else from the committed t2i run (`reports/t2i/run`)."""
-    d, run = _read(metrics_dir, "evaluate"), None
+    d = _read(metrics_dir, "evaluate")
     if not (d and d.get("t2i")):
-        run = metrics_dir.parent / T2I_RUN
-        d = _read(run / "metrics", "evaluate")
+        d = _read(metrics_dir.parent / T2I_RUN / "metrics", "evaluate")
     if not (d and d.get("t2i")):
         return ["(no t2i rows yet: run `make repro-t2i`)"]
     fid, rows = d["fid_key"], d["t2i"]
@@ -130,8 +129,6 @@ def t2i(metrics_dir: Path) -> list[str]:
             f"method (every method's row: `evaluate.json`); {fid} and class (chance 10 %) on the images with the "
             "attributes undone (`captions.canonical`), each attribute measured on the pixels (chance 50 %). "
             f"Measured on {_device(d)}."]
-    if run is not None:
-        out += ["", "The run's t2i stages in minutes: " + stage_times(run)[0]]
     return out
 
 
