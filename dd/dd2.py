@@ -219,8 +219,7 @@ def distill(gen: ardiff.ARDiffusion, guide: ardiff.ARDiffusion, teacher, tok, co
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_gen, betas=cfg.betas)
     opt_f = torch.optim.Adam(guide.parameters(), lr=cfg.lr_guide, betas=cfg.betas)
     nets = [m for m in (gen, guide, teacher, tok) if isinstance(m, nn.Module)]
-    run = train.Run(ckpt_path, cfg.n_steps, train.fingerprint(cfg, nets, {"codebook": codebook},
-                                                      **({"probe": on_step.key} if hasattr(on_step, "key") else {})),
+    run = train.Run(ckpt_path, cfg.n_steps, train.fingerprint(cfg, nets, {"codebook": codebook}, on_step),
                     {"gen": gen, "guide": guide, "ema": ema, "opt_gen": opt_g, "opt_guide": opt_f},
                     {"n_guide": 0, "aligned": False, "records": []}, desc, device, unit="generator step")
     run.resume()

@@ -199,12 +199,16 @@ def inputs_digest(modules, data: dict[str, torch.Tensor] | None = None) -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg, modules: list[nn.Module], data: dict[str, torch.Tensor] | None = None, **more) -> dict:
+def fingerprint(cfg, modules: list[nn.Module], data: dict[str, torch.Tensor] | None = None, probe=None,
+                **more) -> dict:
     """What a checkpoint must match to be resumed: the run's settings (a config dataclass), the config of the
-    network it trains (modules[0]), the digest of every network's initial weights and of the data, and `more`."""
+    network it trains (modules[0]), the digest of every network's initial weights and of the data, the probe's
+    `key` when it has one (`dd.probe.Probe`: its labels and noise; its rows come back with the checkpoint), and
+    `more`."""
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     return {"config": settings, "model_config": copy.deepcopy(getattr(modules[0], "config", None)),
-            "inputs": inputs_digest(modules, data), **more}
+            "inputs": inputs_digest(modules, data), **({"probe": probe.key} if hasattr(probe, "key") else {}),
+            **more}
 
 
 class Run:
@@ -370,9 +374,8 @@ def fit(model: nn.Module, loss_fn: Callable, data: dict[str, torch.Tensor], cfg:
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=cfg.betas)
-    more = {"n": n, **({"world": world} if world > 1 else {}),
-            **({"probe": probe.key} if hasattr(probe, "key") else {})}  # (`dd.probe.Probe`: its labels and noise)
-    run = Run(ckpt_path, cfg.n_steps, fingerprint(cfg, [model], data, **more),
+    world_key = {"world": world} if world > 1 else {}
+    run = Run(ckpt_path, cfg.n_steps, fingerprint(cfg, [model], data, probe, n=n, **world_key),
               {"model": model, "ema": ema, "optimizer": opt}, {"records": []}, desc=desc, device=device)
     run.resume()
     compute = torch.compile(loss_fn) if cfg.torch_compile else loss_fn
